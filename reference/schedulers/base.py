@@ -1,0 +1,129 @@
+"""The interface every scheduler implements, and the bookkeeping they share.
+
+A driver (the JAX engine, or a SimPy replica) calls, with its own clock `now` in seconds:
+    add(request, now)            -> False if the request is refused (its outcome says why)
+    schedule(now)                -> SchedulerOutput for one step (empty when idle)
+    ... execute the step (model or cost model) ...
+    update(output, tokens, now)  -> requests that finished in this step
+    abort(request, now, outcome) when a client gives up or disconnects
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from reference.batch import SchedulerOutput
+from reference.block_manager import KVUsage
+from reference.request import Outcome, Request, Status
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Contiguous KV: num_slots regions of max_len tokens each, reserved up front."""
+
+    num_slots: int
+    max_len: int  # tokens
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """Paged KV: a pool of num_blocks blocks (block 0 is the null block) of block_size tokens."""
+
+    num_blocks: int
+    block_size: int  # tokens
+
+
+class Scheduler:
+    """Shared state: a FCFS wait queue, the running list, finishing and aborting."""
+
+    layout: SlotLayout | PagedLayout
+
+    def __init__(self):
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- to implement -------------------------------------------------------------------
+    def add(self, req: Request, now: float) -> bool:
+        """Queue a request; False (request finished as REFUSED, with a reason) when it cannot be served."""
+        raise NotImplementedError
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        """Decide the next step's batch."""
+        raise NotImplementedError
+
+    def kv_usage(self) -> KVUsage:
+        """KV memory reserved versus holding tokens, now."""
+        raise NotImplementedError
+
+    def _release_kv(self, req: Request) -> None:
+        """Give back whatever KV the request holds."""
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued, including preempted ones waiting to recompute."""
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding KV and being computed."""
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        """True while any request is queued or running."""
+        return bool(self.waiting or self.running)
+
+    def update(self, out: SchedulerOutput, tokens: list[int], now: float) -> list[Request]:
+        """Apply a finished step: advance each chunk, append the sampled tokens, finish what is done.
+
+        tokens: one sampled token per chunk whose `samples` is True, in chunk order.
+        """
+        sampled = iter(tokens)
+        finished = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens = chunk.end
+            self._on_computed(req)
+            if chunk.samples:
+                req.append_token(next(sampled), now)
+                if req.is_done_generating():
+                    finished.append(req)
+        if finished:
+            done = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in done]
+            for req in finished:
+                self._complete(req, now)
+        return finished
+
+    def abort(self, req: Request, now: float, outcome: Outcome, reason: str = "") -> None:
+        """End a request early (client timeout or disconnect), wherever it is, and free its KV."""
+        if req.status is Status.FINISHED:
+            return
+        if req.status is Status.RUNNING:
+            if req in self.running:
+                self.running.remove(req)
+            self._release_kv(req)
+        else:
+            self.waiting.remove(req)
+        req.finish(outcome, now, reason)
+
+    def _on_computed(self, req: Request) -> None:
+        """Hook after a chunk's K/V are written (prefix caching registers full blocks here)."""
+
+    def _complete(self, req: Request, now: float) -> None:
+        self._release_kv(req)
+        req.finish(Outcome.COMPLETED, now)
+
+    def _refuse(self, req: Request, now: float, reason: str) -> bool:
+        req.finish(Outcome.REFUSED, now, reason)
+        return False
+
+    def _start(self, req: Request, now: float) -> None:
+        req.status = Status.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+        self.running.append(req)

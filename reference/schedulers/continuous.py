@@ -1,0 +1,138 @@
+"""Continuous batching over a paged KV pool (vLLM V1), and the Orca-style max-length reservation variant.
+
+Each step: running requests first (oldest first), each gets the tokens it still needs
+(1 for a decode, the rest of its prompt for a chunked prefill) within the step's token budget;
+when the pool has no block for one of them, the newest running request is preempted (its blocks
+freed, recomputed later). Then, if nothing was preempted, waiting requests are admitted FCFS
+while the budget, max_num_seqs and the pool allow, reusing prefix-cached blocks.
+"""
+from __future__ import annotations
+
+from reference.batch import ScheduledChunk, SchedulerOutput
+from reference.block_manager import BlockManager, KVUsage
+from reference.errors import ConfigError
+from reference.request import Request, Status
+from reference.schedulers.base import PagedLayout, Scheduler
+
+RESERVATIONS = ("none", "max_model_len", "request")
+
+
+class ContinuousScheduler(Scheduler):
+    """vLLM-style continuous batching with chunked prefill, recompute preemption and prefix caching.
+
+    reservation: "none" (paged, blocks on demand: vLLM), "max_model_len" (Orca (Max): a request
+    reserves KV for the longest allowed sequence when admitted) or "request" (Orca (Oracle):
+    it reserves prompt + max_tokens).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int = 8192,
+                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
+                 reservation: str = "none"):
+        super().__init__()
+        if max_num_seqs < 1:
+            raise ConfigError("max_num_seqs", f"must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens", f"must be >= 1, got {max_num_batched_tokens}")
+        if block_size > max_model_len:
+            raise ConfigError("block_size", f"{block_size} is larger than max_model_len={max_model_len}",
+                              f"1..{max_model_len}")
+        if reservation not in RESERVATIONS:
+            raise ConfigError("reservation", f"unknown value {reservation!r}", ", ".join(RESERVATIONS))
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ConfigError("max_num_batched_tokens",
+                              f"{max_num_batched_tokens} < max_model_len={max_model_len}: without chunked "
+                              "prefill a whole prompt must fit in one step", f">= {max_model_len}")
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching and reservation == "none")
+        self.layout = PagedLayout(num_blocks, block_size)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.reservation = reservation
+
+    def add(self, req: Request, now: float) -> bool:
+        """Queue the request; refuse it when it can never run (too long for the model or the pool)."""
+        need = req.max_total_tokens
+        if need > self.max_model_len:
+            return self._refuse(req, now, f"prompt + max_tokens = {need} exceeds max_model_len={self.max_model_len}")
+        if self.blocks.blocks_needed(self._reserve(req) or need) > self.blocks.num_usable_blocks:
+            return self._refuse(req, now, f"needs {self.blocks.blocks_needed(need)} KV blocks, "
+                                          f"the pool has {self.blocks.num_usable_blocks}")
+        self.waiting.append(req)
+        return True
+
+    def kv_usage(self) -> KVUsage:
+        """Blocks reserved by running requests versus tokens they hold."""
+        return self.blocks.usage()
+
+    def _reserve(self, req: Request) -> int:
+        if self.reservation == "max_model_len":
+            return self.max_model_len
+        if self.reservation == "request":
+            return req.max_total_tokens
+        return 0
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        """One step's batch: running first, then waiting (FCFS) if no one was preempted."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            copies = self.blocks.allocate_slots(req.request_id, req.num_computed_tokens, num_new)
+            while copies is None:
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+                copies = self.blocks.allocate_slots(req.request_id, req.num_computed_tokens, num_new)
+            if copies is None:
+                break
+            out.block_copies.extend(copies)
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new,
+                                             block_table=self.blocks.block_table(req.request_id)))
+            budget -= num_new
+            i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            tokens = req.token_ids()
+            hits = self.blocks.get_computed_blocks(tokens)
+            num_computed = len(hits) * self.blocks.block_size
+            num_new = len(tokens) - num_computed
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            copies = self.blocks.allocate_slots(req.request_id, num_computed, num_new, hits,
+                                                reserve_tokens=self._reserve(req))
+            if copies is None:
+                break
+            self.waiting.popleft()
+            if req.first_scheduled_time is None:
+                req.num_cached_prompt_tokens = num_computed
+            req.num_computed_tokens = num_computed
+            self._start(req, now)
+            out.chunks.append(ScheduledChunk(req, num_computed, num_new,
+                                             block_table=self.blocks.block_table(req.request_id)))
+            budget -= num_new
+        return out
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Free the request's blocks and put it back at the head of the queue, to recompute later."""
+        self.blocks.free(req.request_id)
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def _on_computed(self, req: Request) -> None:
+        self.blocks.cache_full_blocks(req.request_id, req.num_computed_tokens, req.token_ids)
+
+    def _release_kv(self, req: Request) -> None:
+        self.blocks.free(req.request_id)
