@@ -36,9 +36,9 @@ class SequentialScheduler(Scheduler):
             # Ollama would silently truncate the prompt; a simulator must not hide that.
             return self._refuse(req, now, f"prompt + max_tokens = {req.max_total_tokens} exceeds "
                                           f"num_ctx={self.layout.max_len}")
-        if len(self.waiting) >= self.max_queue and not self.free_slots:
-            return self._refuse(req, now, f"server busy: {len(self.waiting)} requests queued "
-                                          f"(max_queue={self.max_queue})")
+        if len(self.waiting) - len(self.free_slots) >= self.max_queue:
+            return self._refuse(req, now, f"server busy: {len(self.waiting) - len(self.free_slots)} requests "
+                                          f"queued (max_queue={self.max_queue})")
         self.waiting.append(req)
         return True
 
