@@ -1,0 +1,142 @@
+"""`servesim hardware` and `servesim steptime`: the presets, and one step's predicted time with its reasons.
+
+Click commands only; the lead wires them into the `servesim` group. Bad input (ConfigError)
+becomes a click.UsageError: one clean line, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from reference.config import PRESETS, get_preset
+from reference.errors import ConfigError
+from sim import formats
+from sim.costmodel import (DEFAULT_COMPUTE_EFFICIENCY, DEFAULT_MEM_EFFICIENCY, RooflineCostModel, StepShape,
+                           with_field)
+from sim.hardware import HARDWARE, get_hardware
+
+
+@click.command("hardware")
+@click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
+def hardware_command(as_json: bool) -> None:
+    """List hardware presets with their datasheet figures (dense tensor-core peaks)."""
+    rows = []
+    for h in HARDWARE.values():
+        rows.append({
+            "name": h.name, "memory_gb": h.memory_gb, "bandwidth_tb_s": h.memory_bw / 1e12,
+            "bf16_tflops": h.bf16_flops / 1e12, "fp8_tflops": h.fp8_flops / 1e12, "fp4_tflops": h.fp4_flops / 1e12,
+            "int8_tops": h.int8_ops / 1e12, "interconnect": h.interconnect,
+            "interconnect_gb_s": h.interconnect_bw / 1e9, "source": h.source,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = (f"{'name':<12} {'mem GB':>6} {'BW TB/s':>7} {'bf16 TF':>8} {'fp8 TF':>7} {'fp4 TF':>7} "
+              f"{'link GB/s':>9}  link")
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        fp8 = f"{r['fp8_tflops']:7.0f}" if r["fp8_tflops"] else f"{'-':>7}"
+        fp4 = f"{r['fp4_tflops']:7.0f}" if r["fp4_tflops"] else f"{'-':>7}"
+        link = f"{r['interconnect_gb_s']:9.0f}" if r["interconnect_gb_s"] else f"{'-':>9}"
+        click.echo(f"{r['name']:<12} {r['memory_gb']:6.0f} {r['bandwidth_tb_s']:7.3f} {r['bf16_tflops']:8.1f} "
+                   f"{fp8} {fp4} {link}  {r['interconnect'] or 'none'}")
+    click.echo("\nSources (dense figures; interconnect is the bidirectional datasheet total):")
+    for r in rows:
+        click.echo(f"  {r['name']}: {r['source']}")
+
+
+# ConfigError fields -> the option a user typed.
+_OPTION_OF_FIELD = {"model": "--model", "hardware": "--hardware", "weight_format": "--dtype",
+                    "kv_dtype": "--kv-dtype", "tp": "--tp", "mem_efficiency": "--mem-efficiency",
+                    "compute_efficiency": "--compute-efficiency", "step_overhead_s": "--overhead-ms",
+                    "compute_dtype": "--dtype", "context_len": "--context", "cached_context": "--cached-context",
+                    "prefill_tokens": "--prefill-tokens", "decode_seqs": "--decode-seqs"}
+
+
+@click.command("steptime")
+@click.option("--model", "model_name", required=True, help=f"Model preset ({', '.join(PRESETS)}).")
+@click.option("--hardware", "hardware_name", required=True, help=f"Hardware preset ({', '.join(HARDWARE)}).")
+@click.option("--dtype", "weight_format", default="fp16", show_default=True,
+              help=f"Weight format ({', '.join(formats.WEIGHT_FORMATS)}).")
+@click.option("--kv-dtype", default="fp16", show_default=True, help=f"KV dtype ({', '.join(formats.KV_DTYPES)}).")
+@click.option("--tp", default=1, show_default=True, type=int, help="Tensor-parallel devices.")
+@click.option("--prefill-tokens", default=0, show_default=True, type=int,
+              help="New prompt tokens in the step (one chunk).")
+@click.option("--cached-context", default=0, show_default=True, type=int,
+              help="Tokens already cached before the prefill chunk (prefix hit or earlier chunks).")
+@click.option("--decode-seqs", default=0, show_default=True, type=int, help="Sequences decoding one token.")
+@click.option("--context", default=1024, show_default=True, type=int,
+              help="Context length of each decoding sequence after the step (tokens).")
+@click.option("--mem-efficiency", default=DEFAULT_MEM_EFFICIENCY, show_default=True, type=float,
+              help="Fraction of peak memory bandwidth reached.")
+@click.option("--compute-efficiency", default=DEFAULT_COMPUTE_EFFICIENCY, show_default=True, type=float,
+              help="Fraction of peak FLOP/s reached.")
+@click.option("--overhead-ms", default=None, type=float, help="Fixed per-step overhead (ms); default: the hardware's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the prediction as JSON.")
+def steptime_command(model_name, hardware_name, weight_format, kv_dtype, tp, prefill_tokens, cached_context,
+                     decode_seqs, context, mem_efficiency, compute_efficiency, overhead_ms, as_json) -> None:
+    """Predict one engine step's time on a roofline, with its breakdown and the bound that dominates."""
+    try:
+        model = get_preset(model_name)
+        hw = get_hardware(hardware_name)
+        for name, value in (("--prefill-tokens", prefill_tokens), ("--cached-context", cached_context),
+                            ("--decode-seqs", decode_seqs)):
+            if value < 0:
+                raise ConfigError(name, f"must be >= 0, got {value}")
+        if overhead_ms is not None and not overhead_ms >= 0:
+            raise ConfigError("--overhead-ms", f"must be >= 0, got {overhead_ms}")
+        if decode_seqs and context < 1:
+            raise ConfigError("--context", f"must be >= 1 when decoding, got {context}")
+        if prefill_tokens == 0 and decode_seqs == 0:
+            raise ConfigError("--prefill-tokens/--decode-seqs", "the step computes nothing",
+                              "--prefill-tokens > 0 or --decode-seqs > 0")
+        cm = RooflineCostModel(model, hw, weight_format, kv_dtype, tp, mem_efficiency=mem_efficiency,
+                               compute_efficiency=compute_efficiency,
+                               step_overhead_s=None if overhead_ms is None else overhead_ms / 1e3)
+        shape = StepShape.decode(decode_seqs, context) + StepShape.prefill(prefill_tokens, cached_context)
+    except ConfigError as e:
+        option = _OPTION_OF_FIELD.get(e.field, e.field)
+        raise click.UsageError(str(with_field(e, option))) from None
+    cost = cm.step_time(shape)
+    peak_flops = hw.peak_flops(cm.compute_dtype)
+    result = {
+        "model": model.name, "hardware": hw.name, "weight_format": weight_format, "kv_dtype": kv_dtype, "tp": tp,
+        "compute_dtype": cm.compute_dtype, "step": {
+            "prefill_tokens": prefill_tokens, "cached_context": cached_context, "decode_seqs": decode_seqs,
+            "context": context},
+        "step_ms": cost.total_s * 1e3,
+        "breakdown_ms": {k: v * 1e3 for k, v in cost.breakdown.items()},
+        "bound": cost.bound,
+        "bytes_per_device": cost.bytes_moved, "flops_per_device": cost.flops,
+        "achieved_gb_s": cost.achieved_bandwidth / 1e9, "achieved_tflop_s": cost.achieved_flops / 1e12,
+        "peak_gb_s": hw.memory_bw / 1e9, "peak_tflop_s": peak_flops / 1e12,
+        "tokens_per_s": shape.new_tokens / cost.total_s, "decode_tokens_per_s": decode_seqs / cost.total_s,
+        "weight_bytes_per_device": cm.physics.weight_bytes, "memory_bytes_per_device": hw.memory_bytes,
+        "mem_efficiency": cm.mem_efficiency, "compute_efficiency": cm.compute_efficiency,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    b = result["breakdown_ms"]
+    click.echo(f"{model.name} on {hw.name} x{tp}: {weight_format} weights ({cm.physics.weight_bytes / 1e9:.2f} GB "
+               f"per device, computed in {cm.compute_dtype}), {kv_dtype} KV")
+    click.echo(f"step: {prefill_tokens} prefill tokens (on {cached_context} cached) + {decode_seqs} decode seqs "
+               f"at context {context}")
+    click.echo(f"predicted step time: {result['step_ms']:.3f} ms  ({cost.bound}-bound)")
+    click.echo(f"  weights        {b['weights']:9.3f} ms   memory terms overlap compute:")
+    click.echo(f"  kv reads       {b['kv_reads']:9.3f} ms   step = max(weights + kv reads, compute)")
+    click.echo(f"  compute        {b['compute']:9.3f} ms          + communication + overhead")
+    click.echo(f"  communication  {b['communication']:9.3f} ms")
+    click.echo(f"  overhead       {b['overhead']:9.3f} ms")
+    click.echo(f"achieved per device: {result['achieved_gb_s']:.0f} GB/s of {result['peak_gb_s']:.0f} peak "
+               f"({result['achieved_gb_s'] / result['peak_gb_s']:.0%}), {result['achieved_tflop_s']:.1f} TFLOP/s "
+               f"of {result['peak_tflop_s']:.0f} {cm.compute_dtype} peak "
+               f"({result['achieved_tflop_s'] / result['peak_tflop_s']:.1%})")
+    click.echo(f"throughput: {result['tokens_per_s']:.0f} tokens/s computed, "
+               f"{result['decode_tokens_per_s']:.0f} decode tokens/s")
+    if cm.physics.weight_bytes > hw.memory_bytes:
+        click.echo(f"warning: weights ({cm.physics.weight_bytes / 1e9:.1f} GB per device) exceed {hw.name}'s "
+                   f"{hw.memory_gb:g} GB ({hw.memory_bytes / 1e9:.1f}e9 bytes); raise --tp or use a smaller --dtype",
+                   err=True)
