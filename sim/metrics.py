@@ -1,0 +1,726 @@
+"""Benchmark metrics over per-request records, shared by the reference engine and the simulator.
+
+Definitions follow vLLM's benchmark_serving, so numbers compare with published ones:
+
+- TTFT = first_token_time - arrival_time; E2EL = finish_time - arrival_time.
+- TPOT = (E2EL - TTFT) / (output_tokens - 1), only for requests with output_tokens > 1.
+- ITL = gaps between consecutive tokens of a request, pooled over all requests.
+- All latency statistics (mean, median, p90, p95, p99; ms), token totals and throughputs
+  count **completed** requests only (vLLM counts successful ones); refused, timed-out and
+  aborted requests are `failed`, reported with their breakdown.
+- duration = first arrival to last finish of the cell, over all requests whatever their
+  outcome (s). vLLM times from just before the first request is sent to after the last
+  response returns, which for our records is the same span. request_throughput =
+  completed / duration, output_throughput = output tokens / duration,
+  total_token_throughput = (prompt + output tokens) / duration.
+- request_goodput = completed requests meeting every given SLO / duration (req/s); a
+  1-token output has TPOT 0 for this test (as in vLLM).
+- mean_preemptions and prefix_cache_hit_rate (cached prompt tokens / prompt tokens) are
+  over admitted requests (those ever scheduled).
+- mean_normalized_latency_s is the PagedAttention paper's metric: mean over completed
+  requests of E2EL / output tokens (s per token).
+
+ITL percentiles without every token time: the per-request record keeps the ITL count, sum
+and max; a cell-level `ItlHistogram` (fixed log-spaced bins, 200 per decade from 1 us to
+10^4 s) accumulates every gap. The pooled mean is exact (sum / count); percentiles from
+the histogram are within one bin (+-1.2 % relative, 1 us absolute below 1 us) of numpy's
+linear-interpolation percentile. When the token times are at hand (the accumulator keeps
+up to `exact_itl_limit` gaps; records written with keep_token_times carry them)
+percentiles are exact, and the summary says which with `itl_exact`.
+
+Results layout: DIR/requests.csv (one row per request, appended as requests finish),
+DIR/summary.json (one record per cell, rewritten atomically after each cell) and
+DIR/itl_histograms.json (the ITL histogram of each cell, so summaries can be recomputed).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reference.errors import ConfigError
+from reference.request import Request
+
+METRICS = ("ttft", "tpot", "itl", "e2el")
+STATS = (("mean", None), ("median", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0))
+OUTCOMES = ("completed", "refused", "timed_out", "aborted", "unfinished")
+FAILED = ("refused", "timed_out", "aborted")
+
+REQUEST_COLUMNS = (
+    "engine", "concurrency", "request_rate", "request_id", "client_id", "outcome", "reason",
+    "arrival_s", "first_scheduled_s", "first_token_s", "finish_s",
+    "prompt_tokens", "output_tokens", "max_tokens", "cached_prompt_tokens", "preemptions",
+    "queue_ms", "ttft_ms", "tpot_ms", "e2el_ms",
+    "itl_count", "itl_sum_ms", "itl_mean_ms", "itl_max_ms",
+    "token_times_s",
+)
+_INT_COLUMNS = ("concurrency", "client_id", "prompt_tokens", "output_tokens", "max_tokens",
+                "cached_prompt_tokens", "preemptions", "itl_count")
+_STR_COLUMNS = ("engine", "request_id", "outcome", "reason", "token_times_s")
+
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Service-level objectives for goodput (ms); None = not constrained."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+
+    def __post_init__(self):
+        for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or math.isinf(v):
+                raise ConfigError(name, f"must be a positive number of milliseconds, got {v!r}", "numbers > 0")
+            object.__setattr__(self, name, float(v))
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no objective is set."""
+        return self.ttft_ms is None and self.tpot_ms is None and self.e2el_ms is None
+
+    def to_dict(self) -> dict:
+        """The set objectives."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------
+# Per-request records
+
+def _ms(a: float | None, b: float | None) -> float:
+    return NAN if a is None or b is None else (b - a) * 1e3
+
+
+def request_record(req: Request, *, engine: str, concurrency: int | None = None, request_rate: float | None = None,
+                   client_id: int | None = None, keep_token_times: bool = False) -> dict:
+    """One flat row of requests.csv for req (times in s, latencies in ms; NaN where undefined).
+
+    ttft/tpot/e2el/itl are filled whenever the timestamps exist (also for timed-out
+    requests with partial output); summaries use completed requests only.
+    token_times_s is the space-separated token times when keep_token_times, else "".
+    """
+    out = req.num_output_tokens
+    ttft = _ms(req.arrival_time, req.first_token_time)
+    e2el = _ms(req.arrival_time, req.finish_time)
+    tpot = (e2el - ttft) / (out - 1) if out > 1 and not (math.isnan(e2el) or math.isnan(ttft)) else NAN
+    tt = req.token_times
+    if len(tt) > 1:
+        gaps = np.diff(np.asarray(tt, dtype=float)) * 1e3
+        itl_count, itl_sum, itl_max = len(gaps), float(gaps.sum()), float(gaps.max())
+    else:
+        itl_count, itl_sum, itl_max = 0, 0.0, NAN
+    return {
+        "engine": engine,
+        "concurrency": concurrency,
+        "request_rate": NAN if request_rate is None else float(request_rate),
+        "request_id": req.request_id,
+        "client_id": client_id,
+        "outcome": req.outcome.value if req.outcome is not None else "unfinished",
+        "reason": req.reason,
+        "arrival_s": req.arrival_time,
+        "first_scheduled_s": NAN if req.first_scheduled_time is None else req.first_scheduled_time,
+        "first_token_s": NAN if req.first_token_time is None else req.first_token_time,
+        "finish_s": NAN if req.finish_time is None else req.finish_time,
+        "prompt_tokens": req.num_prompt_tokens,
+        "output_tokens": out,
+        "max_tokens": req.sampling.max_tokens,
+        "cached_prompt_tokens": req.num_cached_prompt_tokens,
+        "preemptions": req.num_preemptions,
+        "queue_ms": _ms(req.arrival_time, req.first_scheduled_time),
+        "ttft_ms": ttft,
+        "tpot_ms": tpot,
+        "e2el_ms": e2el,
+        "itl_count": itl_count,
+        "itl_sum_ms": itl_sum,
+        "itl_mean_ms": itl_sum / itl_count if itl_count else NAN,
+        "itl_max_ms": itl_max,
+        "token_times_s": " ".join(repr(float(t)) for t in tt) if keep_token_times else "",
+    }
+
+
+def _token_gaps_ms(token_times_s: str) -> np.ndarray:
+    if not isinstance(token_times_s, str) or not token_times_s.strip():
+        return np.empty(0)
+    t = np.array(token_times_s.split(), dtype=float)
+    return np.diff(t) * 1e3
+
+
+# ---------------------------------------------------------------------------------------
+# ITL histogram
+
+class ItlHistogram:
+    """Counts of inter-token gaps (ms) in fixed log-spaced bins, plus exact count, sum, min and max.
+
+    Bin 0 holds [0, LO_MS); bins 1..N hold [LO_MS * 10^((k-1)/B), LO_MS * 10^(k/B)) with
+    B = BINS_PER_DECADE; the last bin holds gaps >= HI_MS. Mergeable; 16 KiB whatever the count.
+    """
+
+    LO_MS = 1e-3
+    BINS_PER_DECADE = 200
+    DECADES = 10
+    NBINS = BINS_PER_DECADE * DECADES + 2
+    HI_MS = LO_MS * 10.0 ** DECADES
+
+    def __init__(self):
+        self.counts = np.zeros(self.NBINS, dtype=np.int64)
+        self.count = 0
+        self.sum_ms = 0.0
+        self.min_ms = math.inf
+        self.max_ms = -math.inf
+
+    def _bin(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            k = np.floor(np.log10(np.maximum(x, 1e-300) / self.LO_MS) * self.BINS_PER_DECADE).astype(np.int64) + 1
+        return np.clip(np.where(x < self.LO_MS, 0, k), 0, self.NBINS - 1)
+
+    def _edges(self, k: int) -> tuple[float, float]:
+        if k == 0:
+            return 0.0, self.LO_MS
+        if k == self.NBINS - 1:
+            return self.HI_MS, max(self.max_ms, self.HI_MS)
+        b = self.BINS_PER_DECADE
+        return self.LO_MS * 10.0 ** ((k - 1) / b), self.LO_MS * 10.0 ** (k / b)
+
+    def add(self, gaps_ms: Iterable[float] | np.ndarray) -> None:
+        """Count some gaps (ms, >= 0)."""
+        x = np.asarray(gaps_ms, dtype=float).ravel()
+        if x.size == 0:
+            return
+        self.counts += np.bincount(self._bin(x), minlength=self.NBINS)
+        self.count += int(x.size)
+        self.sum_ms += float(x.sum())
+        self.min_ms = min(self.min_ms, float(x.min()))
+        self.max_ms = max(self.max_ms, float(x.max()))
+
+    def merge(self, other: ItlHistogram) -> None:
+        """Add other's counts to this one."""
+        self.counts += other.counts
+        self.count += other.count
+        self.sum_ms += other.sum_ms
+        self.min_ms = min(self.min_ms, other.min_ms)
+        self.max_ms = max(self.max_ms, other.max_ms)
+
+    @property
+    def mean_ms(self) -> float:
+        """Exact mean gap (ms)."""
+        return self.sum_ms / self.count if self.count else NAN
+
+    def _order_stat(self, r: int, cum: np.ndarray) -> float:
+        """Estimate of the r-th smallest gap (0-based)."""
+        if r <= 0:
+            return self.min_ms
+        if r >= self.count - 1:
+            return self.max_ms
+        k = int(np.searchsorted(cum, r, side="right"))
+        c0 = int(cum[k - 1]) if k > 0 else 0
+        c = int(self.counts[k])
+        lo, hi = self._edges(k)
+        f = (r - c0 + 0.5) / c
+        v = lo + f * (hi - lo) if lo <= 0 else lo * (hi / lo) ** f
+        return min(max(v, self.min_ms), self.max_ms)
+
+    def percentile(self, q: float) -> float:
+        """Approximate q-th percentile (ms), numpy 'linear' definition, within one bin width."""
+        if self.count == 0:
+            return NAN
+        cum = np.cumsum(self.counts)
+        r = q / 100.0 * (self.count - 1)
+        lo_r = math.floor(r)
+        a = self._order_stat(lo_r, cum)
+        if r == lo_r:
+            return a
+        b = self._order_stat(lo_r + 1, cum)
+        return a + (r - lo_r) * (b - a)
+
+    def to_dict(self) -> dict:
+        """Sparse, JSON-able form."""
+        nz = np.flatnonzero(self.counts)
+        return {"lo_ms": self.LO_MS, "bins_per_decade": self.BINS_PER_DECADE, "decades": self.DECADES,
+                "count": self.count, "sum_ms": self.sum_ms,
+                "min_ms": self.min_ms if self.count else None, "max_ms": self.max_ms if self.count else None,
+                "bins": {str(int(k)): int(self.counts[k]) for k in nz}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ItlHistogram:
+        """Inverse of to_dict."""
+        if (d.get("lo_ms"), d.get("bins_per_decade"), d.get("decades")) != (cls.LO_MS, cls.BINS_PER_DECADE,
+                                                                           cls.DECADES):
+            raise ValueError("ITL histogram written with a different binning")
+        h = cls()
+        for k, n in d["bins"].items():
+            h.counts[int(k)] = n
+        h.count, h.sum_ms = int(d["count"]), float(d["sum_ms"])
+        if h.count:
+            h.min_ms, h.max_ms = float(d["min_ms"]), float(d["max_ms"])
+        return h
+
+
+# ---------------------------------------------------------------------------------------
+# Summaries
+
+_SUMMARY_INPUTS = ("arrival_s", "first_scheduled_s", "finish_s", "prompt_tokens", "output_tokens",
+                   "cached_prompt_tokens", "preemptions", "queue_ms", "ttft_ms", "tpot_ms", "e2el_ms",
+                   "itl_count", "itl_sum_ms", "itl_max_ms")
+
+
+def _stats(prefix: str, x: np.ndarray, out: dict) -> None:
+    x = x[~np.isnan(x)]
+    for name, q in STATS:
+        if x.size == 0:
+            out[f"{name}_{prefix}_ms"] = NAN
+        elif q is None:
+            out[f"{name}_{prefix}_ms"] = float(np.mean(x))
+        else:
+            out[f"{name}_{prefix}_ms"] = float(np.percentile(x, q))
+
+
+def _summarize_columns(cols: dict[str, np.ndarray], outcome: np.ndarray, *, itl: ItlHistogram | np.ndarray | None,
+                       duration: float | None, slo: SLO | None, cell: dict) -> dict:
+    """The one summary computation; `outcome` holds indices into OUTCOMES."""
+    s: dict = dict(cell)
+    n = int(outcome.size)
+    counts = {name: int(np.count_nonzero(outcome == i)) for i, name in enumerate(OUTCOMES)}
+    done = outcome == 0
+    s["num_requests"] = n
+    s["completed"] = counts["completed"]
+    s["failed"] = sum(counts[k] for k in FAILED)
+    for k in (*FAILED, "unfinished"):
+        s[k] = counts[k]
+    if duration is None:
+        fin = cols["finish_s"][~np.isnan(cols["finish_s"])]
+        duration = float(fin.max() - cols["arrival_s"].min()) if fin.size and n else NAN
+    s["duration"] = duration
+    total_in = int(cols["prompt_tokens"][done].sum())
+    total_out = int(cols["output_tokens"][done].sum())
+    s["total_input_tokens"] = total_in
+    s["total_output_tokens"] = total_out
+    ok = duration > 0 if not math.isnan(duration) else False
+    s["request_throughput"] = s["completed"] / duration if ok else NAN
+    s["output_throughput"] = total_out / duration if ok else NAN
+    s["total_token_throughput"] = (total_in + total_out) / duration if ok else NAN
+
+    ttft, tpot, e2el = cols["ttft_ms"][done], cols["tpot_ms"][done], cols["e2el_ms"][done]
+    if slo is not None and not slo.is_empty:
+        good = np.ones(ttft.size, dtype=bool)
+        if slo.ttft_ms is not None:
+            good &= ttft <= slo.ttft_ms
+        if slo.tpot_ms is not None:
+            good &= np.nan_to_num(tpot, nan=0.0) <= slo.tpot_ms
+        if slo.e2el_ms is not None:
+            good &= e2el <= slo.e2el_ms
+        s["good_requests"] = int(good.sum())
+        s["request_goodput"] = int(good.sum()) / duration if ok else NAN
+    else:
+        s["good_requests"] = None
+        s["request_goodput"] = None
+    for k in ("ttft_ms", "tpot_ms", "e2el_ms"):
+        s[f"slo_{k}"] = getattr(slo, k) if slo is not None else None
+
+    _stats("ttft", ttft, s)
+    _stats("tpot", tpot, s)
+    itl_count = int(cols["itl_count"][done].sum())
+    itl_sum = float(cols["itl_sum_ms"][done].sum())
+    s["mean_itl_ms"] = itl_sum / itl_count if itl_count else NAN
+    if isinstance(itl, ItlHistogram):
+        for name, q in STATS[1:]:
+            s[f"{name}_itl_ms"] = itl.percentile(q)
+        s["itl_exact"] = False
+    elif itl is not None:
+        x = np.asarray(itl, dtype=float)
+        for name, q in STATS[1:]:
+            s[f"{name}_itl_ms"] = float(np.percentile(x, q)) if x.size else NAN
+        s["itl_exact"] = True
+    else:
+        for name, _ in STATS[1:]:
+            s[f"{name}_itl_ms"] = NAN
+        s["itl_exact"] = itl_count == 0
+    mx = cols["itl_max_ms"][done]
+    mx = mx[~np.isnan(mx)]
+    s["max_itl_ms"] = float(mx.max()) if mx.size else NAN
+    _stats("e2el", e2el, s)
+
+    q = cols["queue_ms"][done]
+    q = q[~np.isnan(q)]
+    s["mean_queue_ms"] = float(q.mean()) if q.size else NAN
+    out_tok = cols["output_tokens"][done]
+    norm = (e2el / 1e3)[out_tok > 0] / out_tok[out_tok > 0]
+    norm = norm[~np.isnan(norm)]
+    s["mean_normalized_latency_s"] = float(norm.mean()) if norm.size else NAN
+    admitted = ~np.isnan(cols["first_scheduled_s"])
+    s["mean_preemptions"] = float(cols["preemptions"][admitted].mean()) if admitted.any() else NAN
+    p = float(cols["prompt_tokens"][admitted].sum())
+    s["prefix_cache_hit_rate"] = float(cols["cached_prompt_tokens"][admitted].sum()) / p if p > 0 else NAN
+    return s
+
+
+def _cell_fields(df: pd.DataFrame) -> dict:
+    cell = {}
+    for k in ("engine", "concurrency", "request_rate"):
+        if k in df.columns:
+            u = df[k].dropna().unique()
+            if len(u) == 1:
+                v = u[0]
+                cell[k] = v.item() if hasattr(v, "item") else v
+            else:
+                cell[k] = None
+    if cell.get("concurrency") is not None:
+        cell["concurrency"] = int(cell["concurrency"])
+    return cell
+
+
+def summarize(records: pd.DataFrame | Sequence[dict], *, duration: float | None = None, slo: SLO | None = None,
+              itl: ItlHistogram | np.ndarray | Sequence[float] | None = None) -> dict:
+    """Summary of one cell's per-request records (rows as written by request_record).
+
+    duration (s) defaults to first arrival -> last finish. ITL percentiles come from `itl`
+    (an ItlHistogram, or the exact pooled gaps in ms) when given; otherwise exact from the
+    token_times_s column when every completed request with >= 2 tokens has it; otherwise NaN
+    (the mean is exact either way).
+    """
+    df = records if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records), columns=list(REQUEST_COLUMNS))
+    cols = {k: pd.to_numeric(df[k], errors="coerce").to_numpy(dtype=float) if len(df) else np.empty(0)
+            for k in _SUMMARY_INPUTS}
+    outcome_names = df["outcome"].astype(str).to_numpy() if len(df) else np.empty(0, dtype=str)
+    bad = set(outcome_names) - set(OUTCOMES)
+    if bad:
+        raise ValueError(f"unknown outcome(s) {sorted(bad)} (allowed: {', '.join(OUTCOMES)})")
+    outcome = np.array([OUTCOMES.index(o) for o in outcome_names], dtype=np.int8)
+    if itl is None and "token_times_s" in df.columns and len(df):
+        done = outcome == 0
+        tt = df["token_times_s"].to_numpy()[done]
+        need = cols["itl_count"][done] > 0
+        have = np.array([isinstance(t, str) and bool(t.strip()) for t in tt], dtype=bool)
+        if np.all(have[need]):
+            parts = [_token_gaps_ms(t) for t in tt[have]]
+            itl = np.concatenate(parts) if parts else np.empty(0)
+    if itl is not None and not isinstance(itl, ItlHistogram):
+        itl = np.asarray(itl, dtype=float)
+    return _summarize_columns(cols, outcome, itl=itl, duration=duration, slo=slo, cell=_cell_fields(df))
+
+
+def summarize_cells(records: pd.DataFrame, *, slo: SLO | None = None,
+                    itl_histograms: dict[str, ItlHistogram] | None = None) -> pd.DataFrame:
+    """summarize() for each (engine, concurrency, request_rate) cell of a requests table."""
+    rows = []
+    keys = ["engine", "concurrency", "request_rate"]
+    for _, g in records.groupby(keys, dropna=False, sort=False):
+        cell = _cell_fields(g)
+        hist = (itl_histograms or {}).get(cell_label(**cell))
+        rows.append(summarize(g, slo=slo, itl=hist))
+    return pd.DataFrame(rows)
+
+
+def cell_label(engine: str | None, concurrency: int | None = None, request_rate: float | None = None) -> str:
+    """A cell's name: 'vllm@c=16', 'vllm@rate=4', 'vllm@rate=inf' or 'vllm@trace'."""
+    if concurrency is not None and not (isinstance(concurrency, float) and math.isnan(concurrency)):
+        return f"{engine}@c={int(concurrency)}"
+    if request_rate is not None and not math.isnan(request_rate):
+        return f"{engine}@rate={request_rate:g}"
+    return f"{engine}@trace"
+
+
+# ---------------------------------------------------------------------------------------
+# Cell accumulator: per-request rows out, compact summary state in
+
+class CellAccumulator:
+    """Collects one cell's finished requests: a row each, plus what the summary needs (8 bytes a column).
+
+    Rows go to row_sink in chunks of sink_every (the ResultsWriter appends them to
+    requests.csv) or, without a sink, stay in `rows`. Pooled ITL gaps of completed
+    requests go to an ItlHistogram, and are also kept exactly until exact_itl_limit gaps.
+    """
+
+    def __init__(self, engine: str, concurrency: int | None = None, request_rate: float | None = None, *,
+                 keep_token_times: bool = False, exact_itl_limit: int = 1_000_000,
+                 row_sink: Callable[[list[dict]], None] | None = None, sink_every: int = 10_000):
+        self.engine, self.concurrency, self.request_rate = engine, concurrency, request_rate
+        self.keep_token_times = keep_token_times
+        self.exact_itl_limit = exact_itl_limit
+        self.row_sink, self.sink_every = row_sink, sink_every
+        self.rows: list[dict] = []
+        self._cols = {k: array("d") for k in _SUMMARY_INPUTS}
+        self._outcome = array("b")
+        self.itl_histogram = ItlHistogram()
+        self._exact: array | None = array("d")
+
+    @property
+    def cell(self) -> dict:
+        """engine, concurrency, request_rate."""
+        return {"engine": self.engine, "concurrency": self.concurrency, "request_rate": self.request_rate}
+
+    @property
+    def label(self) -> str:
+        return cell_label(self.engine, self.concurrency, self.request_rate)
+
+    def __len__(self) -> int:
+        return len(self._outcome)
+
+    def add(self, req: Request, client_id: int | None = None) -> dict:
+        """Record a request (normally a finished one); returns its row."""
+        row = request_record(req, engine=self.engine, concurrency=self.concurrency, request_rate=self.request_rate,
+                             client_id=client_id, keep_token_times=self.keep_token_times)
+        for k, col in self._cols.items():
+            col.append(float(row[k]))
+        code = OUTCOMES.index(row["outcome"])
+        self._outcome.append(code)
+        if code == 0 and len(req.token_times) > 1:
+            gaps = np.diff(np.asarray(req.token_times, dtype=float)) * 1e3
+            self.itl_histogram.add(gaps)
+            if self._exact is not None:
+                if len(self._exact) + gaps.size > self.exact_itl_limit:
+                    self._exact = None  # too many: percentiles from the histogram
+                else:
+                    self._exact.extend(gaps.tolist())
+        self.rows.append(row)
+        if self.row_sink is not None and len(self.rows) >= self.sink_every:
+            self.flush()
+        return row
+
+    def flush(self) -> None:
+        """Hand buffered rows to the sink (no-op without one)."""
+        if self.row_sink is not None and self.rows:
+            self.row_sink(self.rows)
+            self.rows = []
+
+    def records_df(self) -> pd.DataFrame:
+        """The rows still held (all of them when there is no sink)."""
+        return records_frame(self.rows)
+
+    @property
+    def itl_exact(self) -> bool:
+        """True while every pooled gap is still held, so ITL percentiles are exact."""
+        return self._exact is not None
+
+    def summary(self, *, slo: SLO | None = None, duration: float | None = None) -> dict:
+        """The cell's summary: the same numbers summarize() gives over all its rows."""
+        cols = {k: np.frombuffer(v, dtype=float) if len(v) else np.empty(0) for k, v in self._cols.items()}
+        outcome = np.frombuffer(self._outcome, dtype=np.int8) if len(self._outcome) else np.empty(0, np.int8)
+        itl = np.frombuffer(self._exact, dtype=float) if self._exact is not None and len(self._exact) \
+            else (np.empty(0) if self._exact is not None else self.itl_histogram)
+        return _summarize_columns(cols, outcome, itl=itl, duration=duration, slo=slo, cell=self.cell)
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+def records_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame with the requests.csv column order and dtypes."""
+    df = pd.DataFrame(list(rows), columns=list(REQUEST_COLUMNS))
+    return _fix_dtypes(df)
+
+
+def _fix_dtypes(df: pd.DataFrame) -> pd.DataFrame:
+    for c in _INT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    for c in _STR_COLUMNS:
+        df[c] = df[c].fillna("").astype(str)
+    for c in REQUEST_COLUMNS:
+        if c not in _INT_COLUMNS and c not in _STR_COLUMNS:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return v
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+    return v
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write obj as JSON (NaN -> null, inf -> "inf") to path via a temporary file and rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _missing(v) -> bool:
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+
+def _cell_key(engine, concurrency, request_rate) -> tuple:
+    """A hashable cell identity that survives CSV and JSON round trips."""
+    c = None if _missing(concurrency) else int(float(concurrency))
+    r = None if _missing(request_rate) else float(request_rate)
+    return (str(engine), c, r)
+
+
+class ResultsWriter:
+    """Writes DIR/requests.csv, DIR/summary.json and DIR/itl_histograms.json cell by cell.
+
+    A finished cell is never lost: its rows are appended (and fsynced) before its summary is
+    written, and the summary files are replaced atomically. resume=True keeps finished cells
+    (see done_cells) and drops rows of any cell that has no summary (one cut off mid-run);
+    resume=False starts the three files afresh.
+
+        w = ResultsWriter(out_dir)
+        for cell in exp.cells():
+            acc = w.start_cell(cell.engine, cell.concurrency, cell.request_rate)
+            ... acc.add(req, client_id) as requests finish ...
+            w.finish_cell(acc, slo=exp.slo)
+    """
+
+    def __init__(self, directory: str | Path, *, resume: bool = False):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.requests_path = self.dir / "requests.csv"
+        self.summary_path = self.dir / "summary.json"
+        self.hist_path = self.dir / "itl_histograms.json"
+        self.summaries: list[dict] = []
+        self.histograms: dict[str, dict] = {}
+        if resume and self.summary_path.exists():
+            self.summaries = json.loads(self.summary_path.read_text())
+            if self.hist_path.exists():
+                self.histograms = json.loads(self.hist_path.read_text())
+            self._drop_unfinished_rows()
+        else:
+            for p in (self.requests_path, self.summary_path, self.hist_path):
+                p.unlink(missing_ok=True)
+
+    @property
+    def done_cells(self) -> set[tuple]:
+        """(engine, concurrency, request_rate) of the cells already summarized."""
+        return {_cell_key(s.get("engine"), s.get("concurrency"), _rate(s.get("request_rate")))
+                for s in self.summaries}
+
+    def is_done(self, engine: str, concurrency: int | None = None, request_rate: float | None = None) -> bool:
+        """True when this cell already has a summary."""
+        return _cell_key(engine, concurrency, request_rate) in self.done_cells
+
+    def _drop_unfinished_rows(self) -> None:
+        if not self.requests_path.exists():
+            return
+        df = pd.read_csv(self.requests_path, dtype=str, keep_default_na=False)
+        done = self.done_cells
+        keep = [_cell_key(e, c, r) in done for e, c, r in zip(df["engine"], df["concurrency"], df["request_rate"])]
+        if all(keep):
+            return
+        tmp = self.requests_path.with_suffix(".csv.tmp")
+        df[keep].to_csv(tmp, index=False)
+        os.replace(tmp, self.requests_path)
+
+    def append_rows(self, rows: Sequence[dict]) -> None:
+        """Append rows to requests.csv (header first if new) and fsync."""
+        new = not self.requests_path.exists() or self.requests_path.stat().st_size == 0
+        with open(self.requests_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(REQUEST_COLUMNS)
+            w.writerows([_csv_value(r[c]) for c in REQUEST_COLUMNS] for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start_cell(self, engine: str, concurrency: int | None = None, request_rate: float | None = None, *,
+                   keep_token_times: bool = False, exact_itl_limit: int = 1_000_000) -> CellAccumulator:
+        """An accumulator whose rows stream into requests.csv."""
+        return CellAccumulator(engine, concurrency, request_rate, keep_token_times=keep_token_times,
+                               exact_itl_limit=exact_itl_limit, row_sink=self.append_rows)
+
+    def finish_cell(self, acc: CellAccumulator, *, slo: SLO | None = None, duration: float | None = None,
+                    extra: dict | None = None) -> dict:
+        """Flush the cell's rows, then write its summary (plus `extra` fields); returns the summary."""
+        acc.flush()
+        s = acc.summary(slo=slo, duration=duration)
+        s["cell"] = acc.label
+        if extra:
+            s.update(extra)
+        key = _cell_key(acc.engine, acc.concurrency, acc.request_rate)
+        self.summaries = [x for x in self.summaries
+                          if _cell_key(x.get("engine"), x.get("concurrency"), _rate(x.get("request_rate"))) != key]
+        self.summaries.append(_jsonable(s))
+        self.histograms[acc.label] = acc.itl_histogram.to_dict()
+        write_json_atomic(self.hist_path, self.histograms)
+        write_json_atomic(self.summary_path, self.summaries)
+        return s
+
+
+def _rate(v):
+    return None if _missing(v) else float(v)  # "inf" -> inf
+
+
+def load_results(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(requests_df, summary_df) from a results directory (either may be empty)."""
+    d = Path(directory)
+    rp, sp = d / "requests.csv", d / "summary.json"
+    if not rp.exists() and not sp.exists():
+        raise FileNotFoundError(f"{d}: no requests.csv or summary.json")
+    if rp.exists():
+        requests = _fix_dtypes(pd.read_csv(rp, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False,
+                                           na_values=[""]))
+    else:
+        requests = records_frame([])
+    summary = pd.DataFrame(json.loads(sp.read_text())) if sp.exists() else pd.DataFrame()
+    if "request_rate" in summary.columns:
+        summary["request_rate"] = pd.to_numeric(summary["request_rate"].map(_rate), errors="coerce").astype(float)
+    if "concurrency" in summary.columns:
+        summary["concurrency"] = pd.to_numeric(summary["concurrency"], errors="coerce").astype("Int64")
+    return requests, summary
+
+
+def load_itl_histograms(directory: str | Path) -> dict[str, ItlHistogram]:
+    """The per-cell ITL histograms of a results directory, by cell label."""
+    p = Path(directory) / "itl_histograms.json"
+    if not p.exists():
+        return {}
+    return {k: ItlHistogram.from_dict(v) for k, v in json.loads(p.read_text()).items()}
+
+
+_TABLE_COLUMNS = (
+    ("cell", "cell"), ("completed", "ok"), ("failed", "fail"), ("request_throughput", "req/s"),
+    ("output_throughput", "out tok/s"), ("total_token_throughput", "tot tok/s"),
+    ("mean_ttft_ms", "TTFT mean"), ("p99_ttft_ms", "TTFT p99"), ("mean_tpot_ms", "TPOT mean"),
+    ("p99_tpot_ms", "TPOT p99"), ("p99_itl_ms", "ITL p99"), ("mean_e2el_ms", "E2EL mean"),
+    ("request_goodput", "goodput"), ("mean_preemptions", "preempt"), ("prefix_cache_hit_rate", "prefix hit"),
+)
+
+
+def format_summary(summary: pd.DataFrame | Sequence[dict]) -> str:
+    """A fixed-width table of the main numbers per cell (latencies in ms)."""
+    df = summary if isinstance(summary, pd.DataFrame) else pd.DataFrame(list(summary))
+    if df.empty:
+        return "(no cells)"
+    df = df.copy()
+    if "cell" not in df.columns:
+        df["cell"] = [cell_label(e, c, r) for e, c, r in
+                      zip(df.get("engine"), df.get("concurrency", [None] * len(df)),
+                          df.get("request_rate", [None] * len(df)))]
+    cols = [(k, h) for k, h in _TABLE_COLUMNS if k in df.columns and not df[k].isna().all()]
+    t = df[[k for k, _ in cols]].rename(columns=dict(cols))
+    return t.to_string(index=False, float_format=lambda x: f"{x:,.2f}", na_rep="-")
