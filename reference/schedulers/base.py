@@ -38,7 +38,9 @@ class Scheduler:
 
     layout: SlotLayout | PagedLayout
 
-    def __init__(self):
+    def __init__(self, max_queue: int = 0):
+        """max_queue: waiting requests beyond which new ones are refused (0 = unbounded)."""
+        self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -117,6 +119,12 @@ class Scheduler:
     def _complete(self, req: Request, now: float) -> None:
         self._release_kv(req)
         req.finish(Outcome.COMPLETED, now)
+
+    def _queue_full(self) -> str:
+        """Why a new request is refused for lack of queue room ('' when there is room)."""
+        if self.max_queue and len(self.waiting) >= self.max_queue:
+            return f"server busy: {len(self.waiting)} requests queued (max_queue={self.max_queue})"
+        return ""
 
     def _refuse(self, req: Request, now: float, reason: str) -> bool:
         req.finish(Outcome.REFUSED, now, reason)

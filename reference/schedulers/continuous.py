@@ -28,8 +28,8 @@ class ContinuousScheduler(Scheduler):
     def __init__(self, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 8192,
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
-                 reservation: str = "none"):
-        super().__init__()
+                 reservation: str = "none", max_queue: int = 0):
+        super().__init__(max_queue)
         if max_num_seqs < 1:
             raise ConfigError("max_num_seqs", f"must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -59,6 +59,8 @@ class ContinuousScheduler(Scheduler):
         if self.blocks.blocks_needed(self._reserve(req) or need) > self.blocks.num_usable_blocks:
             return self._refuse(req, now, f"needs {self.blocks.blocks_needed(need)} KV blocks, "
                                           f"the pool has {self.blocks.num_usable_blocks}")
+        if busy := self._queue_full():
+            return self._refuse(req, now, busy)
         self.waiting.append(req)
         return True
 

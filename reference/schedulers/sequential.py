@@ -19,13 +19,12 @@ class SequentialScheduler(Scheduler):
     """Ollama / llama.cpp server: fixed slots, bounded queue, prompt chunks of n_batch tokens."""
 
     def __init__(self, num_parallel: int = 1, num_ctx: int = 4096, max_queue: int = 512, n_batch: int = 2048):
-        super().__init__()
+        super().__init__(max_queue)
         for name, value, low in (("num_parallel", num_parallel, 1), ("num_ctx", num_ctx, 1),
                                  ("max_queue", max_queue, 0), ("n_batch", n_batch, 1)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
         self.layout = SlotLayout(num_parallel, num_ctx)
-        self.max_queue = max_queue
         self.n_batch = n_batch
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(num_parallel - 1, -1, -1))  # pop() hands out slot 0 first

@@ -20,9 +20,9 @@ class StaticScheduler(Scheduler):
     """One batch at a time; each request reserves max_model_len (reserve_max_len) or prompt + max_tokens."""
 
     def __init__(self, max_batch_size: int = 8, max_model_len: int = 2048, kv_capacity_tokens: int = 0,
-                 reserve_max_len: bool = True):
+                 reserve_max_len: bool = True, max_queue: int = 0):
         """kv_capacity_tokens: KV token slots for the whole batch (0 = max_batch_size x max_model_len)."""
-        super().__init__()
+        super().__init__(max_queue)
         if max_batch_size < 1:
             raise ConfigError("max_batch_size", f"must be >= 1, got {max_batch_size}")
         if max_model_len < 1:
@@ -44,6 +44,8 @@ class StaticScheduler(Scheduler):
         if req.max_total_tokens > self.layout.max_len:
             return self._refuse(req, now, f"prompt + max_tokens = {req.max_total_tokens} exceeds "
                                           f"max_model_len={self.layout.max_len}")
+        if busy := self._queue_full():
+            return self._refuse(req, now, busy)
         self.waiting.append(req)
         return True
 
