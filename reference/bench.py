@@ -22,7 +22,7 @@ from sim.experiment import Cell, Experiment
 from sim.metrics import ResultsWriter
 from sim.workload import ClosedLoopWorkload, OpenLoopWorkload, build_workload, to_request
 
-WARMUP_REQUESTS_PER_CLIENT = 2
+WARMUP_REQUESTS_PER_CLIENT = 1
 WARMUP_OPEN_LOOP_REQUESTS = 32
 
 
