@@ -97,8 +97,11 @@ def _source(exp: Experiment, cell: Cell, warmup: bool):
     return OpenLoopSource(workload, WARMUP_OPEN_LOOP_REQUESTS if warmup else None), workload.timeout_s
 
 
-def make_runner(exp: Experiment, layout, params=None):
-    """A ModelRunner for the experiment's model and dtype over a scheduler's KV layout."""
+def make_runner(exp: Experiment, layout, params=None, **runner_options):
+    """A ModelRunner for the experiment's model and dtype over a scheduler's KV layout.
+
+    runner_options go to ModelRunner (min_seqs, min_tokens, min_blocks: larger buckets, fewer compilations).
+    """
     from reference import kv_cache
     from reference.runner import ModelRunner
     from reference.schedulers import PagedLayout
@@ -107,7 +110,8 @@ def make_runner(exp: Experiment, layout, params=None):
         kv = kv_cache.PagedLayout(layout.num_blocks, layout.block_size)
     else:
         kv = kv_cache.ContiguousLayout(layout.num_slots, layout.max_len)
-    return ModelRunner(exp.model_config, params, layout=kv, seed=exp.seed, dtype=exp.dtype, sampling_seed=exp.seed)
+    return ModelRunner(exp.model_config, params, layout=kv, seed=exp.seed, dtype=exp.dtype, sampling_seed=exp.seed,
+                       **runner_options)
 
 
 def bench_cell(exp: Experiment, cell: Cell, on_finish, params=None) -> tuple[dict, Engine]:
@@ -141,12 +145,12 @@ def run_bench(exp: Experiment, out_dir: str | Path, *, resume: bool = True, prog
     from tqdm import tqdm
 
     from reference.model import init_params
-    from reference.runner import _DTYPES
+    from reference.runner import DTYPES
 
     out = Path(out_dir)
     writer = ResultsWriter(out, resume=resume)
     (out / "experiment.toml").write_text(exp.to_toml())
-    params = init_params(exp.model_config, exp.seed, _DTYPES[exp.dtype])
+    params = init_params(exp.model_config, exp.seed, DTYPES[exp.dtype])
     cells = [c for c in exp.cells() if not writer.is_done(c.engine, c.concurrency, c.request_rate)]
     if len(cells) < len(exp.cells()):
         echo(f"resuming: {len(exp.cells()) - len(cells)} of {len(exp.cells())} cells already done in {out}")

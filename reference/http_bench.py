@@ -1,0 +1,219 @@
+"""`servesim bench CONFIG --url URL`: the experiment's workload against a running server, over HTTP.
+
+The same request sequence (sim.workload: prompts as token ids, output lengths as max_tokens
+with ignore_eos) as `servesim bench` and `servesim run`, sent as streaming /v1/completions
+requests with aiohttp; TTFT, ITL and E2E are measured on the client (send -> first token
+chunk -> last chunk), as vLLM's benchmark_serving does, and written through sim.metrics to
+the same requests.csv / summary.json. The server runs one engine, so there is one cell per
+load of the workload (clients or rates), labelled with the engine the server reports in
+/v1/models (servesim_engine), else "http".
+
+Outcomes: HTTP 503 and 400 are `refused` (the reason keeps the server's message), a client
+timeout (workload.timeout_s) is `timed_out`, a broken connection or a stream error is
+`aborted`. Tokens are counted from the chunks' token_ids (return_token_ids, a vLLM
+extension servesim supports), else one per non-empty text chunk.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from reference.request import Outcome, Request, SamplingParams
+from sim.experiment import Cell, Experiment
+from sim.metrics import ResultsWriter
+from sim.workload import ClosedLoopWorkload, RequestSpec, build_workload
+
+WARMUP_REQUESTS_PER_CLIENT = 1  # as reference.bench
+WARMUP_OPEN_LOOP_REQUESTS = 32
+
+
+def normalize_base_url(url: str) -> str:
+    """'http://host:8000' or 'http://host:8000/v1/' -> 'http://host:8000/v1'."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class _Client:
+    """One aiohttp session; send() turns a RequestSpec into a finished Request record."""
+
+    def __init__(self, session, base_url: str, model: str, t0: float, timeout_s: float):
+        self.session, self.url, self.model = session, base_url + "/completions", model
+        self.t0, self.timeout_s = t0, timeout_s
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def send(self, spec: RequestSpec) -> Request:
+        import aiohttp
+
+        req = Request(spec.request_id, spec.prompt_token_ids, SamplingParams(max_tokens=int(spec.max_tokens)),
+                      arrival_time=self.now())
+        body = {"model": self.model, "prompt": req.prompt_token_ids, "max_tokens": int(spec.max_tokens),
+                "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True}}
+        try:
+            async with asyncio.timeout(self.timeout_s or None):
+                async with self.session.post(self.url, json=body) as resp:
+                    if resp.status != 200:
+                        req.finish(Outcome.REFUSED if resp.status in (400, 429, 503) else Outcome.ABORTED,
+                                   self.now(), f"HTTP {resp.status}: {_message(await resp.text())}")
+                        return req
+                    await self._read_stream(resp, req)
+        except TimeoutError:
+            req.finish(Outcome.TIMED_OUT, self.now(), f"client timeout after {self.timeout_s} s")
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            req.finish(Outcome.ABORTED, self.now(), f"connection error: {e!r}")
+        return req
+
+    async def _read_stream(self, resp, req: Request) -> None:
+        async for line in resp.content:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                req.finish(Outcome.COMPLETED, self.now())
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                req.finish(Outcome.ABORTED, self.now(), f"stream error: {_message(chunk)}")
+                return
+            t = self.now()
+            for choice in chunk.get("choices") or ():
+                ids = choice.get("token_ids")
+                for tid in (ids if ids is not None else ([0] if choice.get("text") else [])):
+                    req.append_token(int(tid), t)
+        req.finish(Outcome.ABORTED, self.now(), "stream ended without [DONE]")
+
+
+def _message(text_or_body) -> str:
+    body = text_or_body
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return body[:200]
+    err = body.get("error", body) if isinstance(body, dict) else body
+    return str(err.get("message", err) if isinstance(err, dict) else err)[:200]
+
+
+async def _closed_loop(wl: ClosedLoopWorkload, client: _Client, on_finish, limit: int | None) -> None:
+    async def one(c: int) -> None:
+        sent = 0
+        while (limit is None or sent < limit) and (spec := wl.next_for_client(c)) is not None:
+            sent += 1
+            on_finish(await client.send(spec), c)
+            think = wl.think_time_s(c)
+            if think > 0:
+                await asyncio.sleep(think)
+
+    await asyncio.gather(*(one(c) for c in range(wl.num_clients)))
+
+
+async def _open_loop(wl, client: _Client, on_finish, limit: int | None) -> None:
+    cap = asyncio.Semaphore(wl.max_concurrency) if wl.max_concurrency else None
+    tasks = []
+
+    async def one(spec: RequestSpec) -> None:
+        try:
+            on_finish(await client.send(spec), spec.client_id)
+        finally:
+            if cap is not None:
+                cap.release()
+
+    for i, spec in enumerate(wl):
+        if limit is not None and i >= limit:
+            break
+        delay = spec.arrival_time - client.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if cap is not None:
+            await cap.acquire()  # held back client-side, like vLLM's --max-concurrency
+        tasks.append(asyncio.create_task(one(spec)))
+    await asyncio.gather(*tasks)
+
+
+async def _run_cell(exp: Experiment, cell: Cell, base_url: str, model: str, on_finish, warm: bool) -> float:
+    """Run one cell (warm: only the first request per client, or the first open-loop ones, unrecorded).
+
+    Returns the wall time (s).
+    """
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        wl = build_workload(exp, cell)
+        client = _Client(session, base_url, model, time.perf_counter(), wl.timeout_s)
+        sink = (lambda r, c: None) if warm else on_finish
+        if isinstance(wl, ClosedLoopWorkload):
+            await _closed_loop(wl, client, sink, WARMUP_REQUESTS_PER_CLIENT if warm else None)
+        else:
+            await _open_loop(wl, client, sink, WARMUP_OPEN_LOOP_REQUESTS if warm else None)
+        return client.now()
+
+
+async def _get_json(base_url: str, path: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(base_url + path) as r:
+        r.raise_for_status()
+        return await r.json()
+
+
+async def _scrape(base_url: str, name: str) -> float | None:
+    """The sum of a metric's samples in the server's /metrics (None if unavailable)."""
+    import aiohttp
+
+    root = base_url[: -len("/v1")]
+    try:
+        async with aiohttp.ClientSession() as s, s.get(root + "/metrics") as r:
+            text = await r.text()
+    except aiohttp.ClientError:
+        return None
+    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")]
+    return sum(vals) if vals else None
+
+
+def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resume: bool = True,
+                   warmup: bool = True, engine: str | None = None, echo=print) -> pd.DataFrame:
+    """Drive the server at base_url with every load of exp's workload; returns the summary of all cells.
+
+    base_url: the OpenAI base URL (".../v1" is added when missing). engine: the cell label
+    (default: the engine the server reports). Results go to out_dir like `servesim bench`.
+    """
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise RuntimeError("driving a server over HTTP needs aiohttp: pip install aiohttp") from None
+    base_url = normalize_base_url(base_url)
+    models = asyncio.run(_get_json(base_url, "/models"))["data"]
+    if not models:
+        raise RuntimeError(f"{base_url}/models lists no model")
+    model = models[0]["id"]
+    label = engine or models[0].get("servesim_engine") or "http"
+    out = Path(out_dir)
+    writer = ResultsWriter(out, resume=resume)
+    (out / "experiment.toml").write_text(exp.to_toml())
+    w = exp.workload
+    cells = [Cell(label, concurrency=load) if w.kind == "closed_loop" else Cell(label) if w.kind == "trace"
+             else Cell(label, request_rate=load) for load in w.loads]
+    todo = [c for c in cells if not writer.is_done(c.engine, c.concurrency, c.request_rate)]
+    if len(todo) < len(cells):
+        echo(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done in {out}")
+    for cell in todo:
+        acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate, keep_token_times=True)
+        if warmup:
+            asyncio.run(_run_cell(exp, cell, base_url, model, acc.add, warm=True))
+        pre = asyncio.run(_scrape(base_url, "vllm:num_preemptions_total"))
+        wall = asyncio.run(_run_cell(exp, cell, base_url, model, acc.add, warm=False))
+        post = asyncio.run(_scrape(base_url, "vllm:num_preemptions_total"))
+        extra = dict(driver="http", url=base_url, model=model, wall_s=wall,
+                     preemptions=None if pre is None or post is None else int(post - pre))
+        writer.finish_cell(acc, slo=exp.slo, extra=extra)
+        echo(f"  {cell.label}: {len(acc)} requests in {wall:.1f} s")
+    return pd.DataFrame(writer.summaries)

@@ -1,0 +1,385 @@
+"""`servesim serve` on loopback with the tiny model: the OpenAI client, 256 concurrent streams,
+a full queue answered 503, bad input answered 400, disconnects that free their KV, /metrics
+that agree with what clients saw, and `servesim bench --url` driving the server.
+
+Two servers per module (continuous batching, and Ollama-style sequential with max_queue 8).
+Their runners pad every step to one bucket (min_seqs, min_tokens, min_blocks) so each compiles
+two step shapes only; prompts stay short so the contiguous cache's context bucket is 16.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+aiohttp = pytest.importorskip("aiohttp")
+openai = pytest.importorskip("openai")
+
+import uvicorn  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from reference.model import init_params  # noqa: E402
+from reference.server import create_app  # noqa: E402
+from reference.tokenizer import ByteTokenizer, TextStream  # noqa: E402
+from sim.experiment import load_experiment  # noqa: E402
+
+CONFIG = """
+name = "serve_tiny"
+model = "tiny"
+seed = 0
+
+[workload]
+kind = "closed_loop"
+clients = [3]
+requests_per_client = 2
+
+[workload.prompt_tokens]
+dist = "fixed"
+value = 12
+
+[workload.output_tokens]
+dist = "fixed"
+value = 6
+
+[engines.continuous]
+scheduler = "continuous"
+max_num_seqs = 64
+max_num_batched_tokens = 256
+max_model_len = 128
+num_blocks = 512
+
+[engines.ollama]
+scheduler = "sequential"
+num_parallel = 1
+num_ctx = 64
+max_queue = 8
+"""
+EXP = load_experiment(CONFIG)
+MODEL = "tiny"
+PAGED_BUCKETS = dict(min_seqs=64, min_tokens=256, min_blocks=8)
+SLOT_BUCKETS = dict(min_seqs=4, min_tokens=16)
+
+
+@contextmanager
+def serving(app):
+    """Run app with uvicorn on a free loopback port in a thread; yields the base URL (no /v1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "server did not become healthy"
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(EXP.model_config, EXP.seed)
+
+
+@pytest.fixture(scope="module")
+def cont(params):
+    app = create_app(EXP, "continuous", params=params, runner_options=PAGED_BUCKETS)
+    with serving(app) as url:
+        yield url, app.state.servesim
+
+
+@pytest.fixture(scope="module")
+def seq(params):
+    app = create_app(EXP, "ollama", params=params, runner_options=SLOT_BUCKETS)
+    with serving(app) as url:
+        yield url, app.state.servesim
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics as {sample name with labels minus model_name: value}; also checks the format."""
+    out = {}
+    text = httpx.get(url + "/metrics").text
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            assert line.startswith(("# HELP ", "# TYPE ")) or not line
+            continue
+        name, value = line.rsplit(" ", 1)
+        name = name.replace('model_name="tiny",', "").replace('{model_name="tiny"}', "")
+        out[name] = float(value)
+    return out
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """Metrics once nothing runs or waits and no KV is in use."""
+    deadline = time.time() + timeout
+    while True:
+        m = metrics(url)
+        if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 \
+                and m["vllm:kv_cache_usage_perc"] == 0:
+            return m
+        assert time.time() < deadline, f"server not idle: {m}"
+        time.sleep(0.05)
+
+
+def prompt_ids(i: int, n: int = 6) -> list[int]:
+    return [8 + (37 * i + 11 * k) % 500 for k in range(n)]
+
+
+async def stream_completion(session, url: str, prompt, max_tokens: int) -> tuple[int, dict]:
+    """One streaming /v1/completions: (status, {"tokens", "usage", "finish", "error", "retry_after"})."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.7,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            return resp.status, {"error": await resp.json(), "retry_after": resp.headers.get("Retry-After")}
+        out = {"tokens": 0, "usage": None, "finish": None, "done": False}
+        async for line in resp.content:
+            line = line.strip()
+            if not line:
+                continue
+            assert line.startswith(b"data: ")
+            if line == b"data: [DONE]":
+                out["done"] = True
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk["choices"]:
+                out["tokens"] += len(c["token_ids"])
+                out["finish"] = c["finish_reason"] or out["finish"]
+            if chunk.get("usage"):
+                out["usage"] = chunk["usage"]
+        return 200, out
+
+
+async def many_streams(url: str, count: int, max_tokens: int) -> list[tuple[int, dict]]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        return await asyncio.gather(*(stream_completion(session, url, prompt_ids(i), max_tokens)
+                                      for i in range(count)))
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer (no server)
+
+def test_tokenizer_round_trip_and_stop_strings():
+    tok = ByteTokenizer(512)
+    text = "héllo, wörld\n<|300|>"
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(text, parse_special=True)
+    assert ids[-1] == 300 and tok.decode(ids) == text
+    assert all(0 <= t < 512 for t in tok.encode(text, add_bos=True))
+    assert tok.single_token("\n") == 8 + 10 and tok.single_token("ab") is None
+    chat = tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    assert chat[0] == tok.bos_id and tok.decode(chat, skip_special=False).endswith("hi<|end|><|assistant|>")
+    ts = TextStream(tok, ["lo, w"])
+    pieces = [ts.push(t) for t in tok.encode("hello, world")]
+    assert "".join(pieces) == "hel" and ts.stopped  # "l" held back until "lo, w" was certain
+    ts = TextStream(tok, ["xyz"])
+    assert "".join(ts.push(t) for t in tok.encode("abcxy")) + ts.finish() == "abcxy"
+
+
+# ---------------------------------------------------------------------------------------
+# OpenAI client
+
+def test_openai_client_completions_chat_streaming(cont):
+    url, state = cont
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=7, temperature=0)
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len("Hello there") + 1  # + <s>
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=7, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text  # greedy: same text
+    assert chunks[-1].usage.completion_tokens == 7 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_completion_tokens=4, n=2, seed=5, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 8
+    assert sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) \
+        == ["length", "length"]
+
+    # Stop strings: the text ends before the first occurrence, finish_reason "stop"; a one-token stop
+    # string becomes a stop token id (the engine stops), a longer one is matched on the text.
+    full = client.completions.create(model=MODEL, prompt=[9, 10, 11], max_tokens=12, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    ids, text, tok = full.choices[0].model_extra["token_ids"], full.choices[0].text, state.tokenizer
+    pieces = [(tok.decode(ids[k:k + m]), k + m) for m in (1, 2) for k in range(1, 10)]
+    one = next((p, e) for p, e in pieces if p and p in text and tok.single_token(p) is not None)
+    longer = next((p, e) for p, e in pieces if p and p in text and tok.single_token(p) is None)
+    for stop, end in (one, longer):
+        r = client.completions.create(model=MODEL, prompt=[9, 10, 11], max_tokens=12, temperature=0, stop=[stop])
+        assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens <= end
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    wait_idle(url)
+
+
+# ---------------------------------------------------------------------------------------
+# Load
+
+def test_256_concurrent_streams_continuous(cont):
+    url, _ = cont
+    before = wait_idle(url)
+    results = asyncio.run(many_streams(url, 256, max_tokens=4))
+    assert all(status == 200 for status, _ in results)
+    assert all(r["tokens"] == 4 and r["usage"]["completion_tokens"] == 4 and r["finish"] == "length" and r["done"]
+               for _, r in results)
+    after = wait_idle(url)
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta["vllm:generation_tokens_total"] == sum(r["tokens"] for _, r in results) == 1024
+    assert delta["vllm:prompt_tokens_total"] == sum(r["usage"]["prompt_tokens"] for _, r in results) == 256 * 6
+    assert delta['vllm:request_success_total{finished_reason="length"}'] == 256
+    assert delta["vllm:time_to_first_token_seconds_count"] == 256
+    assert delta["vllm:e2e_request_latency_seconds_count"] == 256
+    assert delta['servesim:request_refused_total{reason="busy"}'] == 0
+
+
+def test_full_queue_answers_503_sequential(seq):
+    url, state = seq
+    before = wait_idle(url)
+    results = asyncio.run(many_streams(url, 256, max_tokens=4))
+    ok = [r for s, r in results if s == 200]
+    busy = [r for s, r in results if s == 503]
+    assert len(ok) + len(busy) == 256
+    assert len(ok) >= 9 and busy, (len(ok), len(busy))  # one slot + max_queue 8 at least, the rest refused
+    assert all(r["tokens"] == 4 and r["usage"]["completion_tokens"] == 4 and r["done"] for r in ok)
+    assert all(r["retry_after"] and "server busy" in r["error"]["error"]["message"] for r in busy)
+    after = wait_idle(url)
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta['servesim:request_refused_total{reason="busy"}'] == len(busy)
+    assert delta['vllm:request_success_total{finished_reason="length"}'] == len(ok)
+    assert delta["vllm:generation_tokens_total"] == sum(r["tokens"] for r in ok)
+    assert state.loop.scheduler.free_slots == [0]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input and disconnects
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": "hi"}, "model", "required"),
+    ({"model": "gpt-4", "prompt": "hi"}, "model", "unknown model"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, "max_tokens", ">= 1"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens", ">= 1"),
+    ({"model": MODEL, "prompt": "x" * 300, "max_tokens": 4}, "prompt", "exceeds"),
+    ({"model": MODEL, "prompt": "x" * 100, "max_tokens": 100}, "max_tokens", "exceeds"),
+    ({"model": MODEL, "prompt": [1, 2, 9999]}, "prompt", "vocabulary"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature", ">= 0"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p", "(0, 1]"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 3}, "logprobs", "not supported"),
+    ({"model": MODEL, "prompt": "hi", "n": 1000}, "n", "more than"),
+    ({"model": MODEL}, "prompt", "required"),
+])
+def test_bad_requests_answer_400_naming_the_field(cont, body, param, words):
+    url, _ = cont
+    r = httpx.post(url + "/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(param) and words in err["message"], err
+
+
+def test_bad_json_and_bad_chat(cont):
+    url, _ = cont
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_disconnects_free_slots_and_blocks(cont, monkeypatch):
+    url, state = cont
+    runner = state.loop.engine.runner
+    execute = runner.execute
+
+    def slow_execute(*args, **kwargs):  # 20 ms a step: 120 tokens take seconds, so clients leave mid-way
+        time.sleep(0.02)
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", slow_execute)
+    before = wait_idle(url)
+
+    async def go():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def stream_then_leave(i):
+                body = {"model": MODEL, "prompt": prompt_ids(i), "max_tokens": 120, "stream": True}
+                resp = await session.post(url + "/v1/completions", json=body)
+                assert resp.status == 200
+                await resp.content.readline()  # the first token's chunk
+                resp.close()  # drop the connection mid-stream
+
+            async def wait_then_leave(i):  # non-streaming: the client gives up once generation started
+                body = {"model": MODEL, "prompt": prompt_ids(i), "max_tokens": 120}
+                task = asyncio.create_task(session.post(url + "/v1/completions", json=body))
+                while metrics(url)["vllm:generation_tokens_total"] == before["vllm:generation_tokens_total"]:
+                    await asyncio.sleep(0.01)
+                task.cancel()
+
+            await asyncio.gather(*(stream_then_leave(i) for i in range(8)), wait_then_leave(99))
+
+    asyncio.run(go())
+    after = wait_idle(url)
+    assert after["servesim:request_aborted_total"] - before.get("servesim:request_aborted_total", 0) == 9
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 9 * 120
+    blocks = state.loop.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_usable_blocks and not blocks.tables
+
+
+# ---------------------------------------------------------------------------------------
+# servesim serve / servesim bench --url
+
+def test_http_bench_drives_the_server(cont, tmp_path):
+    url, _ = cont
+    from sim.cli import main
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "http"
+    result = CliRunner().invoke(main, ["bench", str(cfg), "--url", url, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 1 and summary[0]["engine"] == "continuous" and summary[0]["concurrency"] == 3
+    assert summary[0]["completed"] == 6 and summary[0]["failed"] == 0
+    assert summary[0]["driver"] == "http" and summary[0]["mean_ttft_ms"] > 0 and summary[0]["mean_itl_ms"] > 0
+    lines = (out / "requests.csv").read_text().splitlines()
+    assert len(lines) == 7 and all(",completed," in line for line in lines[1:])
+    wait_idle(url)
+
+
+def test_serve_command_is_wired(tmp_path):
+    from sim.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert result.exit_code == 0 and "--engine" in result.output and "--port" in result.output
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(CONFIG)
+    result = CliRunner().invoke(main, ["serve", str(cfg), "--engine", "nope"])
+    assert result.exit_code == 2 and "no engine 'nope'" in result.output
+
