@@ -396,6 +396,10 @@ def _nonneg(value, field: str) -> float:
 FEATURES = ("step", "prefill_tokens", "decode_seqs", "kv_read_tokens", "attn_q_ctx")
 PROFILE_COLUMNS = ("kind", "batch_size", "context_len", "prefill_tokens", "cached_context", "median_ms")
 PROFILE_KINDS = ("decode", "prefill", "mixed")
+#: Profile rows of this kind time the engine's host work per step (schedule + update) with batch_size
+#: decoding requests; they calibrate HOST_FEATURES, added to every step, not the device law.
+HOST_KIND = "host"
+HOST_FEATURES = ("step", "seq")
 
 
 def features(s: StepShape) -> tuple[float, float, float, float, float]:
@@ -475,12 +479,15 @@ class CalibratedCostModel(CostModel):
     Coefficients (s per unit) are non-negative, so predictions never decrease with more work.
     The fixed term is reported as overhead (on a GPU it is mostly the weight read of a decode
     step), the per-token and attention terms as compute, the KV term as kv_reads.
+    host_coefficients (s, s per sequence; from the profile's 'host' rows) price the engine's
+    host work per step (scheduler.schedule + update): h_step + h_seq * num_seqs, added to overhead.
     With model_cfg given, bytes_moved and flops are filled in from StepPhysics for reporting.
     """
 
     def __init__(self, coefficients: Mapping[str, float], *, fit_report: FitReport | None = None,
                  metadata: Mapping[str, str] | None = None, model_cfg=None, weight_format: str = "fp16",
-                 kv_dtype: str = "fp16", tp: int = 1, hardware: Hardware | str | None = None):
+                 kv_dtype: str = "fp16", tp: int = 1, hardware: Hardware | str | None = None,
+                 host_coefficients: Mapping[str, float] | None = None):
         unknown = set(coefficients) - set(FEATURES)
         if unknown:
             raise ConfigError("coefficients", f"unknown features {sorted(unknown)}", ", ".join(FEATURES))
@@ -491,6 +498,13 @@ class CalibratedCostModel(CostModel):
         self.hardware = get_hardware(hardware) if isinstance(hardware, str) else hardware
         self.physics = StepPhysics(model_cfg, weight_format, kv_dtype, tp) if model_cfg is not None else None
         self._c = tuple(self.coefficients[f] for f in FEATURES)
+        host = dict(host_coefficients or {})
+        if set(host) - set(HOST_FEATURES):
+            raise ConfigError("host_coefficients", f"unknown features {sorted(set(host) - set(HOST_FEATURES))}",
+                              ", ".join(HOST_FEATURES))
+        self.host_coefficients = {f: _nonneg(float(host.get(f, 0.0)), f"host_coefficients.{f}")
+                                  for f in HOST_FEATURES}
+        self._h = tuple(self.host_coefficients[f] for f in HOST_FEATURES)
 
     @classmethod
     def from_profile(cls, profile, *, model_cfg=None, weight_format: str = "fp16", kv_dtype: str = "fp16",
@@ -505,6 +519,8 @@ class CalibratedCostModel(CostModel):
         import numpy as np
 
         df, metadata = read_profile(profile, field)
+        host_rows = df[df["kind"] == HOST_KIND]
+        df = df[df["kind"] != HOST_KIND]
         if check_model and model_cfg is not None:
             measured = metadata.get("preset") or metadata.get("model")
             if measured and measured != model_cfg.name:
@@ -529,14 +545,21 @@ class CalibratedCostModel(CostModel):
         report = FitReport(rows=len(t), mean_rel_error=float(rel.mean()), median_rel_error=float(np.median(rel)),
                            p90_rel_error=float(np.quantile(rel, 0.9)), max_rel_error=float(rel.max()),
                            unconstrained=tuple(f for f, u in zip(FEATURES, used) if not u))
+        host = {}
+        if len(host_rows):  # t_host = h_step + h_seq * batch_size, relative error, non-negative
+            th = host_rows["median_ms"].to_numpy(dtype=float) / 1e3
+            ah = np.stack([np.ones(len(th)), host_rows["batch_size"].to_numpy(dtype=float)], axis=1) / th[:, None]
+            nh = np.linalg.norm(ah, axis=0)
+            host = dict(zip(HOST_FEATURES, map(float, nnls(ah / nh, np.ones(len(th))) / nh)))
         return cls(dict(zip(FEATURES, map(float, coef))), fit_report=report, metadata=metadata,
-                   model_cfg=model_cfg, weight_format=weight_format, kv_dtype=kv_dtype, tp=tp, hardware=hardware)
+                   model_cfg=model_cfg, weight_format=weight_format, kv_dtype=kv_dtype, tp=tp, hardware=hardware,
+                   host_coefficients=host)
 
     def step_time(self, batch: StepShape) -> StepCost:
         if batch.prefill_tokens + batch.decode_seqs == 0:
             return _zero_cost()
         c0, cp, cd, ckv, cqc = self._c
-        t_fixed = c0
+        t_fixed = c0 + self._h[0] + self._h[1] * (batch.prefill_seqs + batch.decode_seqs)
         t_kv = ckv * batch.kv_read_tokens
         t_c = cp * batch.prefill_tokens + cd * batch.decode_seqs + cqc * batch.attn_q_ctx
         total = t_fixed + t_kv + t_c
@@ -550,7 +573,8 @@ class CalibratedCostModel(CostModel):
         )
 
     def describe(self) -> dict:
-        out = {"kind": "calibrated", "coefficients": dict(self.coefficients), "metadata": dict(self.metadata)}
+        out = {"kind": "calibrated", "coefficients": dict(self.coefficients),
+               "host_coefficients": dict(self.host_coefficients), "metadata": dict(self.metadata)}
         if self.fit_report is not None:
             out["fit"] = self.fit_report.summary()
         return out
@@ -596,17 +620,18 @@ def read_profile(profile, field: str = "profile"):
         raise ConfigError(field, f"profile lacks columns {missing}", ", ".join(PROFILE_COLUMNS))
     df = df.copy()
     df["kind"] = df["kind"].astype(str).str.strip()
-    bad = sorted(set(df["kind"]) - set(PROFILE_KINDS))
+    bad = sorted(set(df["kind"]) - set(PROFILE_KINDS) - {HOST_KIND})
     if bad:
-        raise ConfigError(f"{field}.kind", f"unknown row kinds {bad}", ", ".join(PROFILE_KINDS))
+        raise ConfigError(f"{field}.kind", f"unknown row kinds {bad}", ", ".join(PROFILE_KINDS + (HOST_KIND,)))
     for col in ("batch_size", "context_len", "prefill_tokens", "cached_context"):
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(0).astype(int)
         if (df[col] < 0).any():
             raise ConfigError(f"{field}.{col}", "negative values")
     df["median_ms"] = pd.to_numeric(df["median_ms"], errors="coerce")
     df = df[df["median_ms"].notna() & (df["median_ms"] > 0)]
-    if len(df) < len(FEATURES):
-        raise ConfigError(field, f"need at least {len(FEATURES)} rows with a positive median_ms, got {len(df)}")
+    if (df["kind"] != HOST_KIND).sum() < len(FEATURES):
+        raise ConfigError(field, f"need at least {len(FEATURES)} step rows with a positive median_ms, "
+                                 f"got {(df['kind'] != HOST_KIND).sum()}")
     return df.reset_index(drop=True), metadata
 
 
