@@ -154,7 +154,7 @@ def run_bench(exp: Experiment, out_dir: str | Path, *, resume: bool = True, prog
     cells = [c for c in exp.cells() if not writer.is_done(c.engine, c.concurrency, c.request_rate)]
     if len(cells) < len(exp.cells()):
         echo(f"resuming: {len(exp.cells()) - len(cells)} of {len(exp.cells())} cells already done in {out}")
-    steps_path = out / "steps.csv"
+    steps_path = out / "steps.csv.gz"  # one row per engine step: compressed, appended per cell
     for cell in tqdm(cells, desc=exp.name, unit="cell", disable=not progress):
         acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate, keep_token_times=True)
         wall = time.perf_counter()

@@ -565,6 +565,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
             json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
