@@ -8,7 +8,6 @@ and its time series to DIR/timeseries.csv as soon as the cell ends.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +122,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     (out / "experiment.toml").write_text(exp.to_toml())
     series_path = out / "timeseries.csv"
     cells = [c for c in exp.cells() if not writer.is_done(c.engine, c.concurrency, c.request_rate)]
+    _keep_series_of_done_cells(series_path, {c.label for c in exp.cells()} - {c.label for c in cells})
     if len(cells) < len(exp.cells()):
         echo(f"resuming: {len(exp.cells()) - len(cells)} of {len(exp.cells())} cells already done in {out}")
     costs = {e.name: cost_model_for(exp, e) for e in exp.engines}
@@ -141,5 +141,13 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     return pd.DataFrame(writer.summaries)
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def _keep_series_of_done_cells(path: Path, done: set[str]) -> None:
+    """Drop time-series rows of cells that are not finished (a fresh run, or a cell cut off mid-run)."""
+    if not path.exists():
+        return
+    series = pd.read_csv(path)
+    kept = series[series["cell"].isin(done)] if "cell" in series.columns else series.iloc[0:0]
+    if len(kept) == 0:
+        path.unlink()
+    elif len(kept) < len(series):
+        kept.to_csv(path, index=False)
