@@ -11,7 +11,11 @@ import click
 
 from reference.config import PRESETS
 from reference.errors import ConfigError
+from sim.audit import audit_command
+from sim.claims import claims_command
 from sim.cli_physics import hardware_command, steptime_command
+from sim.cli_serve import serve_command
+from sim.trace import trace_command
 
 
 class _Group(click.Group):
@@ -79,15 +83,22 @@ def run_command(config: Path, out_dir: Path | None, fresh: bool, no_plots: bool)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Results directory (default: runs/<experiment name>-bench).")
 @click.option("--fresh", is_flag=True, help="Start over instead of resuming the cells already in --out.")
-def bench_command(config: Path, out_dir: Path | None, fresh: bool) -> None:
-    """Run an experiment on the JAX reference engine on this machine's device."""
+@click.option("--url", default=None, help="Drive a running server (e.g. `servesim serve`) at this OpenAI base URL "
+              "over HTTP instead, e.g. http://127.0.0.1:8000/v1 (default --out: runs/<experiment name>-http).")
+def bench_command(config: Path, out_dir: Path | None, fresh: bool, url: str | None) -> None:
+    """Run an experiment on the JAX reference engine on this machine's device (or on a server, with --url)."""
     from reference.bench import run_bench
     from sim.experiment import load_experiment
     from sim.metrics import format_summary
 
     exp = load_experiment(config)
-    out_dir = out_dir or Path("runs") / f"{exp.name}-bench"
-    summary = run_bench(exp, out_dir, resume=not fresh)
+    if url:
+        from reference.http_bench import run_http_bench
+        out_dir = out_dir or Path("runs") / f"{exp.name}-http"
+        summary = run_http_bench(exp, url, out_dir, resume=not fresh)
+    else:
+        out_dir = out_dir or Path("runs") / f"{exp.name}-bench"
+        summary = run_bench(exp, out_dir, resume=not fresh)
     click.echo(format_summary(summary))
     click.echo(f"results: {out_dir}")
 
@@ -108,5 +119,5 @@ def profile_command(model_name: str, out_path: Path, dtype: str, grid: str, repe
     click.echo(f"{len(table)} shapes measured -> {out_path}")
 
 
-main.add_command(hardware_command)
-main.add_command(steptime_command)
+for command in (hardware_command, steptime_command, claims_command, audit_command, trace_command, serve_command):
+    main.add_command(command)
