@@ -25,6 +25,7 @@ class StepRecord:
     num_seqs: int
     context_tokens: int  # sum over the batch of each sequence's context after the step
     num_preempted: int
+    attn_q_ctx: int = 0  # sum over the batch of causal (query, key) pairs: n * start + n * (n + 1) / 2 per chunk
 
     @property
     def total_s(self) -> float:
@@ -65,7 +66,8 @@ class Engine:
         if self.record_steps:
             self.steps.append(StepRecord(
                 t0, t1 - t0, t2 - t1, self.now() - t2, out.num_prefill_tokens, out.num_decode_seqs,
-                len(out.chunks), sum(c.end for c in out.chunks), len(out.preempted)))
+                len(out.chunks), sum(c.end for c in out.chunks), len(out.preempted),
+                sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in out.chunks)))
         return finished
 
     def generate(self, prompts: Iterable[list[int]], sampling: SamplingParams | list[SamplingParams]

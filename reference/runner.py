@@ -2,11 +2,15 @@
 
     chunks -> padded arrays (host, numpy) -> ONE jitted step (write K/V, attend, sample) -> token ids
 
-Two jitted entry points: `decode_step` when every chunk is one token (q [B, H, D]), and
-`mixed_step` for anything else (flat ragged tokens [T]: prefill chunks on top of cached
-context, plus decodes). Shapes are padded to power-of-two buckets (tokens, sequences,
-blocks per table or context length), so a serving loop compiles a handful of shapes, then no more;
-`num_compilations` counts them. The KV cache is donated to the step and updated in place.
+One jitted step for every batch. Its flat tokens are [decodes: one token per decoding
+sequence, padded to a bucket of sequences] + [prefill chunks (on top of cached context) back to
+back, padded to a bucket of tokens]. The whole model runs over all of them together, so a mixed
+step reads the weights once; inside each layer's attention the decode part takes the decode
+path (one query per sequence) and only the prefill chunks take the ragged path, so decodes never
+pay for query tiles. Shapes are padded to power-of-two buckets (decode sequences; prefill tokens
+and sequences; blocks per table or context length of each part), so a serving loop compiles a
+handful of shapes, then no more; `num_compilations` counts them. The KV cache is donated to the
+step and updated in place. Sampled tokens and logits come back in the caller's chunk order.
 Only the sampled token ids come back to the host.
 """
 from __future__ import annotations
@@ -42,53 +46,71 @@ _TRACES = [0]  # how many step shapes have been traced (= compiled) in this proc
 
 
 def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, paged: bool,
-          decode: bool, max_context: int, tile: int) -> tuple:
-    """The whole step on device. batch holds the padded arrays built by ModelRunner.prepare."""
+          contexts: tuple[int, int], tile: int) -> tuple:
+    """The whole step on device. batch holds the padded arrays built by ModelRunner.prepare.
+
+    The flat tokens are [decode part: one token per decoding sequence, padded to Sd] +
+    [prefill part: the multi-token chunks back to back, padded to Tp]. Every layer runs over all
+    of them at once (the weights are read once per step); only attention is split: the decode
+    part takes the decode path (one query per sequence), the prefill part the ragged path.
+    Either part may be absent (then its key is missing from batch). contexts: the contiguous
+    layout's context bucket of each part (the paged layout reads it from the block tables).
+    """
     _TRACES[0] += 1  # runs once per trace, i.e. per compilation
+    dec, pre = batch.get("decode"), batch.get("prefill")
+    Sd = batch["tokens"].shape[0] - (pre["seq_ids"].shape[0] if pre else 0)  # decode rows (= decode tokens)
+    ctx = batch["context_lens"]  # [Sd + Sp]: decode sequences, then prefill sequences
 
     def attend(i, q, k, v, layer_cache):
         kc, vc = pa.write_kv(*layer_cache, k, v, batch["slot_mapping"])  # write first: see this step's tokens
-        ctx = batch["context_lens"]
-        if decode and paged:
-            o = pa.paged_decode_attention(q, kc, vc, batch["tables"], ctx)
-        elif decode:
-            o = pa.contiguous_decode_attention(q, kc, vc, batch["slots"], ctx, max_context)
-        elif paged:
-            o = pa.paged_prefill_attention(q, kc, vc, batch["tables"], batch["seq_ids"],
-                                           batch["positions"], batch["query_start"], ctx, tile)
-        else:
-            o = pa.contiguous_prefill_attention(q, kc, vc, batch["slots"], batch["seq_ids"],
-                                                batch["positions"], batch["query_start"], ctx,
-                                                max_context, tile)
-        return o, (kc, vc)
+        out = []
+        if dec is not None:
+            q_dec, ctx_dec = q[:Sd], ctx[:Sd]  # [Sd, H, D]
+            if paged:
+                out.append(pa.paged_decode_attention(q_dec, kc, vc, dec["tables"], ctx_dec))
+            else:
+                out.append(pa.contiguous_decode_attention(q_dec, kc, vc, dec["slots"], ctx_dec, contexts[0]))
+        if pre is not None:
+            q_pre, ctx_pre, pos_pre = q[Sd:], ctx[Sd:], batch["positions"][Sd:]  # [Tp, H, D]
+            if paged:
+                out.append(pa.paged_prefill_attention(q_pre, kc, vc, pre["tables"], pre["seq_ids"], pos_pre,
+                                                      pre["query_start"], ctx_pre, tile))
+            else:
+                out.append(pa.contiguous_prefill_attention(q_pre, kc, vc, pre["slots"], pre["seq_ids"], pos_pre,
+                                                           pre["query_start"], ctx_pre, contexts[1], tile))
+        return (out[0] if len(out) == 1 else jnp.concatenate(out)), (kc, vc)
 
     hidden, cache = forward_hidden(params, cfg, batch["tokens"], batch["positions"], attend, cache)
-    if not decode:  # the last token of each sequence: hidden [T, E] -> [S, E]
-        hidden = hidden[jnp.maximum(batch["query_start"][1:] - 1, 0)]
+    if pre is not None:  # one row per sequence: each decode token, then the last token of each prefill chunk
+        last = Sd + jnp.maximum(pre["query_start"][1:] - 1, 0)  # [Sp]
+        hidden = jnp.concatenate([hidden[:Sd], hidden[last]])  # [Sd + Sp, E]
     with jax.named_scope("lm_head"):
-        logits = lm_head(params, hidden)  # [S, V] float32
+        logits = lm_head(params, hidden)  # [Sd + Sp, V] float32
     with jax.named_scope("sample"):
         tokens = sample(logits, batch["temperature"], batch["top_k"], batch["top_p"],
-                        batch["seeds"], batch["context_lens"])  # [S]
+                        batch["seeds"], ctx)  # [Sd + Sp]
     return tokens, logits, cache
 
 
-# The two entry points. Each compiles once per (model, layout kind, bucket shapes), shared by all runners.
-_STATIC = ("cfg", "paged", "max_context", "tile")
-decode_step = jax.jit(partial(_step, decode=True), static_argnames=_STATIC, donate_argnums=1)
-mixed_step = jax.jit(partial(_step, decode=False), static_argnames=_STATIC, donate_argnums=1)
+# One jitted step. It compiles once per (model, layout kind, bucket shapes, which parts are present),
+# shared by all runners.
+model_step = jax.jit(_step, static_argnames=("cfg", "paged", "contexts", "tile"), donate_argnums=1)
 
 
 @dataclass
 class PreparedStep:
-    """A step's device inputs (from ModelRunner.prepare), ready for ModelRunner.run."""
+    """A step's device inputs (from ModelRunner.prepare), ready for ModelRunner.run.
+
+    rows[i]: the output row (of the decode-then-prefill order) of the i-th chunk as given.
+    """
 
     decode: bool
     batch: dict
-    max_context: int
+    contexts: tuple[int, int]
     num_chunks: int
     samples: list[bool]
     copies: tuple
+    rows: np.ndarray
 
 
 class ModelRunner:
@@ -122,7 +144,7 @@ class ModelRunner:
                                           layout.num_blocks - 1)
         self._compilations = 0
         self._last_logits = None
-        self._last_n = 0
+        self._last_rows = np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------ accounting
 
@@ -155,66 +177,90 @@ class ModelRunner:
         return self.run(self.prepare(chunks, block_copies))
 
     def last_logits(self) -> np.ndarray:
-        """Logits [num_chunks, V] (float32) of the last token of each chunk of the previous step."""
-        return np.asarray(self._last_logits)[: self._last_n]
+        """Logits [num_chunks, V] (float32) of the last token of each chunk of the previous step, in chunk order."""
+        if self._last_logits is None:
+            return np.zeros((0, self.cfg.vocab_size), np.float32)
+        return np.asarray(self._last_logits)[self._last_rows]
 
     def prepare(self, chunks: Sequence[ScheduledChunk], block_copies=()) -> PreparedStep:
-        """Host side of a step: validate the chunks and build the padded device arrays."""
+        """Host side of a step: validate the chunks and build the padded device arrays.
+
+        Flat token order: the decodes (chunks of one token; one row each, padded to a bucket of
+        Sd sequences), then the prefill chunks back to back (padded to a bucket of Tp tokens and
+        Sp sequences). Output rows follow the same order; PreparedStep.rows maps them back.
+        """
         for c in chunks:
             self._check(c)
         n = len(chunks)
-        decode = all(c.num_tokens == 1 for c in chunks)
-        S = _bucket(n, self.min_seqs)
+        dec_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+        pre_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+        Sd = _bucket(len(dec_idx), self.min_seqs) if dec_idx else 0
+        Sp = _bucket(len(pre_idx), self.min_seqs) if pre_idx else 0
+        Tp = _bucket(sum(chunks[i].num_tokens for i in pre_idx), self.min_tokens) if pre_idx else 0
+        T, R = Sd + Tp, Sd + Sp  # flat tokens, output rows
+
+        tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
+        pad_slot = 0 if self.paged else self.layout.num_slots * self.layout.max_len  # null block / dropped
+        slot_mapping = np.full(T, pad_slot, np.int32)
+        context_lens = np.zeros(R, np.int32)
+        rows = np.zeros(n, np.int64)
+        batch: dict = {}
+        contexts = [0, 0]
+        # Each part: (name, its chunks' indices, padded sequences S, its first output row, its first flat token).
+        for part, (name, idx, S, row0, t) in enumerate((("decode", dec_idx, Sd, 0, 0),
+                                                          ("prefill", pre_idx, Sp, Sd, Sd))):
+            if not idx:
+                continue
+            part_chunks = [chunks[i] for i in idx]
+            arrays, contexts[part] = self._locate(part_chunks, S)  # tables [S, MB] or slots [S]
+            seq_ids = np.zeros(Tp, np.int32)  # prefill part only: sequence of each token within the part
+            query_start = np.zeros(S + 1, np.int32)
+            for j, (i, c) in enumerate(zip(idx, part_chunks)):
+                pos = np.arange(c.start, c.end)
+                tokens[t: t + c.num_tokens] = c.request.token_ids(c.start, c.end)
+                positions[t: t + c.num_tokens] = pos
+                if self.paged:
+                    table, bs = arrays["tables"][j], self.layout.block_size
+                    slot_mapping[t: t + c.num_tokens] = table[pos // bs] * bs + pos % bs
+                else:
+                    slot_mapping[t: t + c.num_tokens] = c.slot * self.layout.max_len + pos
+                if name == "prefill":
+                    seq_ids[t - Sd: t - Sd + c.num_tokens] = j
+                query_start[j + 1] = query_start[j] + c.num_tokens
+                context_lens[row0 + j] = c.end
+                rows[i] = row0 + j
+                t += c.num_tokens
+            query_start[len(idx) + 1:] = query_start[len(idx)]
+            if name == "prefill":
+                arrays.update(seq_ids=seq_ids, query_start=query_start)
+            batch[name] = arrays
+
+        temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
+        top_k, seeds = np.zeros(R, np.int32), np.zeros(R, np.uint32)
+        for c, r in zip(chunks, rows):
+            sp = c.request.sampling
+            temperature[r], top_k[r], top_p[r] = sp.temperature, sp.top_k, sp.top_p
+            seeds[r] = self._seed(c)
+
+        batch.update(tokens=tokens, positions=positions, slot_mapping=slot_mapping, context_lens=context_lens,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds)
+        return PreparedStep(not pre_idx, jax.device_put(batch), tuple(contexts), n,
+                            [c.samples for c in chunks], tuple(block_copies), rows)
+
+    def _locate(self, chunks: Sequence[ScheduledChunk], S: int) -> tuple[dict, int]:
+        """Where S (padded) sequences' K/V live: block tables [S, MB] (paged) or slots [S], and the context bucket."""
         ends = [c.end for c in chunks]
         if self.paged:
             bs = self.layout.block_size
-            mb = _bucket(max((-(-e // bs) for e in ends), default=1), self.min_blocks, self.max_blocks_per_seq)
-            max_context = mb * bs
+            mb = _bucket(max(-(-e // bs) for e in ends), self.min_blocks, self.max_blocks_per_seq)
             tables = np.zeros((S, mb), np.int32)  # padded with the null block
-            for i, c in enumerate(chunks):
+            for j, c in enumerate(chunks):
                 need = -(-c.end // bs)
-                tables[i, :need] = c.block_table[:need]
-        else:
-            max_context = _bucket(max(ends, default=1), 16, self.layout.max_len)
-            slots = np.zeros(S, np.int32)
-            slots[:n] = [c.slot for c in chunks]
-
-        T = S if decode else _bucket(sum(c.num_tokens for c in chunks), self.min_tokens)
-        tokens, positions, seq_ids = (np.zeros(T, np.int32) for _ in range(3))
-        pad_slot = 0 if self.paged else self.layout.num_slots * self.layout.max_len  # null block / dropped
-        slot_mapping = np.full(T, pad_slot, np.int32)
-        query_start = np.zeros(S + 1, np.int32)
-        t = 0
-        for i, c in enumerate(chunks):
-            pos = np.arange(c.start, c.end)
-            tokens[t: t + c.num_tokens] = c.request.token_ids(c.start, c.end)
-            positions[t: t + c.num_tokens] = pos
-            seq_ids[t: t + c.num_tokens] = i
-            if self.paged:
-                slot_mapping[t: t + c.num_tokens] = tables[i, pos // bs] * bs + pos % bs
-            else:
-                slot_mapping[t: t + c.num_tokens] = c.slot * self.layout.max_len + pos
-            t += c.num_tokens
-            query_start[i + 1] = t
-        query_start[n + 1:] = t
-        context_lens = np.zeros(S, np.int32)
-        context_lens[:n] = ends
-
-        temperature, top_p = np.zeros(S, np.float32), np.ones(S, np.float32)
-        top_k, seeds = np.zeros(S, np.int32), np.zeros(S, np.uint32)
-        for i, c in enumerate(chunks):
-            sp = c.request.sampling
-            temperature[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-            seeds[i] = self._seed(c)
-
-        batch = dict(tokens=tokens, positions=positions, slot_mapping=slot_mapping,
-                     context_lens=context_lens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seeds=seeds)
-        batch["tables" if self.paged else "slots"] = tables if self.paged else slots
-        if not decode:
-            batch.update(seq_ids=seq_ids, query_start=query_start)
-        return PreparedStep(decode, jax.device_put(batch), max_context, n,
-                            [c.samples for c in chunks], tuple(block_copies))
+                tables[j, :need] = c.block_table[:need]
+            return {"tables": tables}, mb * bs
+        slots = np.zeros(S, np.int32)
+        slots[:len(chunks)] = [c.slot for c in chunks]
+        return {"slots": slots}, _bucket(max(ends), 16, self.layout.max_len)
 
     def run(self, step: PreparedStep) -> list[int]:
         """Device side of a step: block copies, then the jitted forward + sampling; token ids to host."""
@@ -225,13 +271,12 @@ class ModelRunner:
         if step.num_chunks == 0:
             return []
         traces = _TRACES[0]
-        entry = decode_step if step.decode else mixed_step
-        tokens, self._last_logits, self.cache = entry(self.params, self.cache, step.batch, cfg=self.cfg,
-                                                      paged=self.paged, max_context=step.max_context,
-                                                      tile=self.query_tile)
+        tokens, self._last_logits, self.cache = model_step(self.params, self.cache, step.batch, cfg=self.cfg,
+                                                           paged=self.paged, contexts=step.contexts,
+                                                           tile=self.query_tile)
         self._compilations += _TRACES[0] - traces
-        self._last_n = step.num_chunks
-        host = np.asarray(tokens)  # the only device -> host transfer: [S] int32
+        self._last_rows = step.rows
+        host = np.asarray(tokens)[step.rows]  # the only device -> host transfer: [Sd + Sp] int32
         return [int(tok) for tok, s in zip(host, step.samples) if s]
 
     # ------------------------------------------------------------------ helpers

@@ -15,6 +15,7 @@ from sim.audit import audit_command
 from sim.claims import claims_command
 from sim.cli_physics import hardware_command, steptime_command
 from sim.cli_serve import serve_command
+from sim.cli_validate import validate_command
 from sim.trace import trace_command
 
 
@@ -119,5 +120,6 @@ def profile_command(model_name: str, out_path: Path, dtype: str, grid: str, repe
     click.echo(f"{len(table)} shapes measured -> {out_path}")
 
 
-for command in (hardware_command, steptime_command, claims_command, audit_command, trace_command, serve_command):
+for command in (hardware_command, steptime_command, claims_command, audit_command, trace_command, serve_command,
+                validate_command):
     main.add_command(command)

@@ -212,3 +212,35 @@ def test_bad_chunks_name_the_field():
             runner.execute([chunk])
         assert e.value.field == field, (field, str(e.value))
     assert r.num_compilations == 0  # refused before any work
+
+
+@pytest.mark.parametrize("make", [paged, contiguous])
+def test_mixed_step_equals_its_parts(make):
+    """A mixed step (decodes + prefill chunks, interleaved in the chunk list) gives the same logits as
+    running its decode part and its prefill part as two separate steps, in the caller's chunk order."""
+    def setup(runner):
+        """Two requests prefilled and one token in (ready to decode), two new prompts to prefill."""
+        sched = MiniScheduler(runner, chunk_size=32, seed=2)
+        olds = [Request(f"d{i}", p, GREEDY) for i, p in enumerate(prompts([9, 14], seed=7))]
+        sched.step(olds)  # prefill both; each samples its first token
+        news = [Request(f"p{i}", p, GREEDY) for i, p in enumerate(prompts([11, 6], seed=8))]
+        chunks = [sched.chunk(r) for r in (news[0], olds[0], news[1], olds[1])]  # prefill, decode, prefill, decode
+        assert [c.num_tokens for c in chunks] == [11, 1, 6, 1]
+        return chunks
+
+    mixed_runner = make()
+    chunks = setup(mixed_runner)
+    mixed_tokens = mixed_runner.execute(chunks)
+    mixed = mixed_runner.last_logits()
+
+    sep_runner = make()
+    chunks = setup(sep_runner)
+    dec_tokens = sep_runner.execute([chunks[1], chunks[3]])
+    dec = sep_runner.last_logits()
+    pre_tokens = sep_runner.execute([chunks[0], chunks[2]])
+    pre = sep_runner.last_logits()
+
+    assert mixed.shape == (4, CFG.vocab_size)
+    np.testing.assert_allclose(mixed[[1, 3]], dec, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mixed[[0, 2]], pre, rtol=1e-5, atol=1e-5)
+    assert mixed_tokens == [pre_tokens[0], dec_tokens[0], pre_tokens[1], dec_tokens[1]]
