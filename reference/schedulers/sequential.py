@@ -1,7 +1,7 @@
 """llama.cpp server slots behind Ollama's queue: contiguous per-slot KV reserved at load.
 
 num_parallel slots each own num_ctx tokens of KV whether used or not. A request waits FCFS for
-a free slot in a queue of at most max_queue; beyond that it is refused (Ollama's HTTP 503
+a free slot in a queue of at most max_queue (0 = unbounded); beyond that it is refused (Ollama's HTTP 503
 "server busy"). Each step (one llama_decode call of up to n_batch tokens) first gives every
 generating slot its next token, then fills the rest of the batch with prompt tokens of slots
 still processing their prompt. With num_parallel = 1 that is strictly one request at a time.
@@ -35,7 +35,7 @@ class SequentialScheduler(Scheduler):
             # Ollama would silently truncate the prompt; a simulator must not hide that.
             return self._refuse(req, now, f"prompt + max_tokens = {req.max_total_tokens} exceeds "
                                           f"num_ctx={self.layout.max_len}")
-        if len(self.waiting) - len(self.free_slots) >= self.max_queue:
+        if self.max_queue and len(self.waiting) - len(self.free_slots) >= self.max_queue:
             return self._refuse(req, now, f"server busy: {len(self.waiting) - len(self.free_slots)} requests "
                                           f"queued (max_queue={self.max_queue})")
         self.waiting.append(req)
