@@ -257,6 +257,16 @@ class SequentialEngine(EngineConfig):
         return self
 
 
+def _resolve_max_model_len(engine, model):
+    """engine with max_model_len defaulted to the model's context, or ConfigError if it exceeds it."""
+    if engine.max_model_len is None:
+        return replace(engine, max_model_len=model.max_position)
+    if engine.max_model_len > model.max_position:
+        raise ConfigError("max_model_len", f"{engine.max_model_len} exceeds {model.name}'s context of "
+                          f"{model.max_position}", f"integers 1..{model.max_position}")
+    return engine
+
+
 @dataclass(frozen=True, kw_only=True)
 class StaticEngine(EngineConfig):
     """Static batching (FasterTransformer-style): a batch of up to max_batch_size runs until its longest ends.
@@ -296,12 +306,7 @@ class StaticEngine(EngineConfig):
         return self.max_model_len
 
     def resolve(self, model):
-        if self.max_model_len is None:
-            return replace(self, max_model_len=model.max_position)
-        if self.max_model_len > model.max_position:
-            raise ConfigError("max_model_len", f"{self.max_model_len} exceeds {model.name}'s context of "
-                              f"{model.max_position}", f"integers 1..{model.max_position}")
-        return self
+        return _resolve_max_model_len(self, model)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -386,12 +391,7 @@ class ContinuousEngine(EngineConfig):
         return self.max_model_len
 
     def resolve(self, model):
-        if self.max_model_len is None:
-            return replace(self, max_model_len=model.max_position)
-        if self.max_model_len > model.max_position:
-            raise ConfigError("max_model_len", f"{self.max_model_len} exceeds {model.name}'s context of "
-                              f"{model.max_position}", f"integers 1..{model.max_position}")
-        return self
+        return _resolve_max_model_len(self, model)
 
 
 ENGINE_CLASSES: dict[str, type[EngineConfig]] = {
