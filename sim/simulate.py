@@ -46,13 +46,18 @@ def cost_model_for(exp: Experiment, engine: EngineConfig) -> CostModel:
 
 def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: Callable | None = None,
                   plan: MemoryPlan | None = None, on_request: Callable[[Request], None] | None = None,
-                  sample_interval_s: float = 0.1, on_step=None) -> dict:
-    """Run one cell to completion; finished requests go to acc. Returns simulation facts and time series."""
+                  sample_interval_s: float = 0.1, on_step=None,
+                  make_scheduler: Callable = build_scheduler) -> dict:
+    """Run one cell to completion; finished requests go to acc. Returns simulation facts and time series.
+
+    on_step(now, out, dt) sees every step; on_request(req) every request that ends;
+    make_scheduler(engine, plan) builds each replica's scheduler (a tracer can keep a handle on it).
+    """
     engine = exp.engine(cell.engine)
     plan = plan or plan_memory(engine, exp.model_config, hardware_of(exp), exp.hardware.tp, exp.dtype)
     cost = cost or cost_model_for(exp, engine)
     env = simpy.Environment()
-    replicas = [Replica(env, f"r{i}", build_scheduler(engine, plan), cost,
+    replicas = [Replica(env, f"r{i}", make_scheduler(engine, plan), cost,
                         sample_interval_s=sample_interval_s, on_step=on_step)
                 for i in range(exp.hardware.replicas)]
     cluster = Cluster(replicas, exp.hardware.router)

@@ -18,16 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import simpy
-
 from reference.batch import SchedulerOutput
-from reference.request import Status
 from reference.schedulers import ContinuousScheduler, SequentialScheduler, StaticScheduler
-from sim.engines import build_scheduler, plan_memory
+from sim.engines import build_scheduler
 from sim.experiment import Cell, Experiment
-from sim.replica import Replica
-from sim.simulate import cost_model_for, hardware_of
-from sim.workload import ClosedLoopWorkload, build_workload, to_request
+from sim.metrics import CellAccumulator
+from sim.simulate import simulate_cell
 
 
 @dataclass
@@ -167,8 +163,8 @@ def trace_cell(exp: Experiment, engine: str | None = None, load=None) -> tuple[l
     """Simulate one cell of exp (default: the first engine, the first load) and record every step.
 
     Returns (records, scheduler); requests refused at arrival are in scheduler.trace_refused as
-    (time, request, reason). Closed-loop clients and open-loop arrivals as in sim.simulate
-    (client timeouts are not applied here).
+    (time, request, reason). The cell runs through sim.simulate.simulate_cell, so the workload
+    (timeouts and concurrency caps included) is driven exactly as in `servesim run`.
     """
     eng = exp.engine(engine) if engine else exp.engines[0]
     w = exp.workload
@@ -179,34 +175,20 @@ def trace_cell(exp: Experiment, engine: str | None = None, load=None) -> tuple[l
         cell = Cell(eng.name)
     else:
         cell = Cell(eng.name, request_rate=float(load))
-    plan = plan_memory(eng, exp.model_config, hardware_of(exp), exp.hardware.tp, exp.dtype)
-    sched = build_scheduler(eng, plan)
-    tracer = StepTracer(sched)
-    env = simpy.Environment()
-    replica = Replica(env, "r0", sched, cost_model_for(exp, eng), on_finish=tracer.note_finished,
-                      sample_interval_s=1e9, on_step=tracer)
-    workload = build_workload(exp, cell)
+    tracers = []
 
-    def client(c: int):
-        while (spec := workload.next_for_client(c)) is not None:
-            yield replica.submit(to_request(spec, arrival_time=env.now))
-            think = workload.think_time_s(c)
-            if think > 0:
-                yield env.timeout(think)
+    def make_scheduler(engine, plan):
+        sched = build_scheduler(engine, plan)
+        tracers.append(StepTracer(sched))
+        return sched
 
-    def open_loop():
-        for spec in workload:
-            if spec.arrival_time > env.now:
-                yield env.timeout(spec.arrival_time - env.now)
-            replica.submit(to_request(spec, arrival_time=env.now))
-
-    if isinstance(workload, ClosedLoopWorkload):
-        for c in range(workload.num_clients):
-            env.process(client(c))
-    else:
-        env.process(open_loop())
-    env.run()
-    tracer.finish(env.now)
+    facts = simulate_cell(exp, cell, CellAccumulator(eng.name, cell.concurrency, cell.request_rate),
+                          sample_interval_s=1e9, make_scheduler=make_scheduler,
+                          on_step=lambda *step: tracers[0](*step),
+                          on_request=lambda req: tracers[0].note_finished(req))
+    tracer = tracers[0]
+    sched = tracer.scheduler
+    tracer.finish(facts["sim_time_s"])
     sched.trace_refused = tracer.refused
     return tracer.records, sched
 
