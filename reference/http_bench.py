@@ -186,10 +186,6 @@ def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resum
     base_url: the OpenAI base URL (".../v1" is added when missing). engine: the cell label
     (default: the engine the server reports). Results go to out_dir like `servesim bench`.
     """
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        raise RuntimeError("driving a server over HTTP needs aiohttp: pip install aiohttp") from None
     base_url = normalize_base_url(base_url)
     models = asyncio.run(_get_json(base_url, "/models"))["data"]
     if not models:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
-import math
 import os
 import platform
 import shlex

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Sequence
 
 import jax

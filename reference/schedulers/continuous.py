@@ -56,9 +56,9 @@ class ContinuousScheduler(Scheduler):
         need = req.max_total_tokens
         if need > self.max_model_len:
             return self._refuse(req, now, f"prompt + max_tokens = {need} exceeds max_model_len={self.max_model_len}")
-        if self.blocks.blocks_needed(self._reserve(req) or need) > self.blocks.num_usable_blocks:
-            return self._refuse(req, now, f"needs {self.blocks.blocks_needed(need)} KV blocks, "
-                                          f"the pool has {self.blocks.num_usable_blocks}")
+        blocks = self.blocks.blocks_needed(max(need, self._reserve(req)))
+        if blocks > self.blocks.num_usable_blocks:
+            return self._refuse(req, now, f"needs {blocks} KV blocks, the pool has {self.blocks.num_usable_blocks}")
         if busy := self._queue_full():
             return self._refuse(req, now, busy)
         self.waiting.append(req)
