@@ -445,25 +445,31 @@ def workload_line(exp) -> str:
 
 
 def fidelity_section(path: Path) -> str:
-    """What experiments/results/fidelity_cpu/ says, or that it is pending."""
-    if not path.exists():
+    """What experiments/results/fidelity_cpu/ says (servesim validate's files), or that it is pending."""
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    if not (path / "errors.csv").exists():
         return (f"*Pending.* The fidelity check (the simulator against the JAX reference engine on the same "
-                f"workload, which isolates the cost model's error) writes `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`; "
-                f"it does not exist yet, so this paper makes no claim about the cost model's accuracy beyond the "
-                f"roofline's assumptions above. Rebuild the paper once it exists.")
-    out = [f"Results read from `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`."]
-    csvs = sorted(path.glob("*.csv"))
-    pick = next((c for name in ("fidelity", "errors", "comparison") for c in csvs if c.stem == name), None)
-    if pick is None:
-        pick = next((c for c in csvs if c.stem not in ("requests", "timeseries")), None)
-    if pick is not None:
-        df = pd.read_csv(pick)
-        out.append(f"\n`{pick.name}` ({len(df)} rows{', first 20' if len(df) > 20 else ''}):\n")
-        out.append(_df_md(df.head(20)))
-    elif (path / "summary.json").exists():
-        _, summary = _load_summary(path)
-        cols = [c for c in ("cell", "output_throughput", "mean_ttft_ms", "mean_tpot_ms") if c in summary.columns]
-        out.append("\n" + _df_md(summary[cols]))
+                f"workload, which isolates the cost model's error) writes `{where}/errors.csv`; it does not exist "
+                f"yet, so this paper makes no claim about the cost model's accuracy beyond the roofline's "
+                f"assumptions above. Rebuild the paper once it exists.")
+    errors = pd.read_csv(path / "errors.csv")
+    out = [f"Results read from `{where}/` (`servesim validate`: the same workloads on the JAX engine and on the "
+           f"simulator calibrated from a profile of that engine on the same machine). Signed error = "
+           f"(predicted - measured) / measured.\n"]
+    if (path / "error_summary.csv").exists():
+        summary = pd.read_csv(path / "error_summary.csv")
+        out.append(_df_md(summary.rename(columns={"median_abs_pct": "median |err| %", "worst_abs_pct": "worst |err| %",
+                                                  "target_pct": "target %", "within_target": "cells within"})))
+    table = errors.pivot_table(index="cell", columns="metric", values="error_pct", sort=False)
+    out.append("\nSigned error (%) per cell and metric:\n")
+    out.append(_df_md(table.reset_index()))
+    if (path / "steps_check.csv").exists():
+        checks = pd.read_csv(path / "steps_check.csv")
+        cols = [c for c in ("cell", "experiment", "steps", "exec_err_pct", "host_err_pct", "step_err_pct")
+                if c in checks.columns]
+        out.append("\nThe engine's own steps priced by the cost model (same shapes, so this isolates the step-time "
+                   "law from scheduling): error (%) of the summed execute, host and whole-step time per cell.\n")
+        out.append(_df_md(checks[cols]))
     for png in sorted(path.glob("*.png")):
         out.append(f"\n![{png.stem}]({Path('..') / png.relative_to(ROOT) if png.is_relative_to(ROOT) else png})")
     return "\n".join(out)

@@ -20,12 +20,14 @@ class StepRecord:
     schedule_s: float
     execute_s: float  # model forward + sampling + token transfer to host
     update_s: float
-    num_prefill_tokens: int
-    num_decode_seqs: int
+    num_prefill_tokens: int  # new tokens in chunks of more than one token
+    num_decode_seqs: int  # one-token chunks (the runner's decode part)
     num_seqs: int
     context_tokens: int  # sum over the batch of each sequence's context after the step
     num_preempted: int
     attn_q_ctx: int = 0  # sum over the batch of causal (query, key) pairs: n * start + n * (n + 1) / 2 per chunk
+    decode_max_context: int = 0  # longest context after the step among one-token chunks
+    prefill_max_context: int = 0  # longest context after the step among the other chunks
 
     @property
     def total_s(self) -> float:
@@ -37,13 +39,19 @@ class Engine:
     """Drives a scheduler with a model runner. Times are seconds since the engine started."""
 
     def __init__(self, scheduler: Scheduler, runner, clock: Callable[[], float] = time.perf_counter,
-                 record_steps: bool = True):
+                 record_steps: bool = True, exclude_compilation: bool = False):
+        """exclude_compilation: when a step compiles a new shape, stop the clock for that run and time the
+        step again, compiled (the step is idempotent: same K/V written, same seeded samples). The engine
+        then serves as one that compiled every shape at start-up, as production engines do (vLLM captures
+        its CUDA graphs before serving); the time taken out is in compile_s. For measurements, not serving."""
         self.scheduler = scheduler
         self.runner = runner
         self._clock = clock
         self._t0 = clock()
         self.steps: list[StepRecord] = []
         self.record_steps = record_steps
+        self.exclude_compilation = exclude_compilation
+        self.compile_s = 0.0  # s taken off the clock (exclude_compilation)
 
     def now(self) -> float:
         """Seconds since the engine started."""
@@ -60,14 +68,25 @@ class Engine:
         if out.is_empty:
             return []
         t1 = self.now()
+        compiled = getattr(self.runner, "num_compilations", 0)
         tokens = self.runner.execute(out.chunks, out.block_copies)
+        if self.exclude_compilation and getattr(self.runner, "num_compilations", 0) != compiled:
+            stalled = self.now() - t1
+            self._t0 += stalled  # the clock stops: nothing else happened meanwhile
+            self.compile_s += stalled
+            t1 = self.now()
+            tokens = self.runner.execute(out.chunks, out.block_copies)
         t2 = self.now()
         finished = self.scheduler.update(out, tokens, t2)
         if self.record_steps:
+            t3 = self.now()
+            decodes = [c.end for c in out.chunks if c.num_tokens == 1]  # the runner's decode part
+            prefills = [c for c in out.chunks if c.num_tokens > 1]
             self.steps.append(StepRecord(
-                t0, t1 - t0, t2 - t1, self.now() - t2, out.num_prefill_tokens, out.num_decode_seqs,
+                t0, t1 - t0, t2 - t1, t3 - t2, sum(c.num_tokens for c in prefills), len(decodes),
                 len(out.chunks), sum(c.end for c in out.chunks), len(out.preempted),
-                sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in out.chunks)))
+                sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in out.chunks),
+                max(decodes, default=0), max((c.end for c in prefills), default=0)))
         return finished
 
     def generate(self, prompts: Iterable[list[int]], sampling: SamplingParams | list[SamplingParams]

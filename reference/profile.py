@@ -59,13 +59,15 @@ class Grid:
     mixed_batch: tuple[int, ...]  # ... plus this many decodes at mixed_context
     mixed_context: tuple[int, ...]
     host_batch: tuple[int, ...]
+    host_prompt: tuple[int, ...] = (64, 256)  # admission rows: host_batch requests of this many prompt tokens
 
     def describe(self) -> str:
         """One line for the CSV metadata."""
         return (f"decode batch {list(self.decode_batch)} x context {list(self.decode_context)}; "
                 f"prefill tokens {list(self.prefill_tokens)} x cached {list(self.prefill_cached)}; "
                 f"mixed prefill {list(self.mixed_prefill)} x cached {list(self.mixed_cached)} x decodes "
-                f"{list(self.mixed_batch)} x context {list(self.mixed_context)}; host batch {list(self.host_batch)}")
+                f"{list(self.mixed_batch)} x context {list(self.mixed_context)}; host batch {list(self.host_batch)}"
+                f" x decode or admission of {list(self.host_prompt)}-token prompts")
 
 
 GRIDS: dict[str, Grid] = {
@@ -73,9 +75,10 @@ GRIDS: dict[str, Grid] = {
     "quick": Grid(decode_batch=(1, 16), decode_context=(32, 128), prefill_tokens=(16, 64), prefill_cached=(0,),
                   mixed_prefill=(32,), mixed_cached=(16,), mixed_batch=(4,), mixed_context=(64,), host_batch=(1, 16)),
     # CPU-friendly: a couple of minutes for tiny.
-    "default": Grid(decode_batch=(1, 2, 4, 8, 16, 32, 64), decode_context=(64, 256, 1024, 2048),
-                    prefill_tokens=(16, 64, 256, 1024), prefill_cached=(0, 256, 1024),
-                    mixed_prefill=(64, 256), mixed_cached=(0, 512), mixed_batch=(4, 16), mixed_context=(256, 1024),
+    "default": Grid(decode_batch=(1, 2, 4, 8, 16, 32, 64), decode_context=(64, 128, 256, 512, 1024, 2048),
+                    prefill_tokens=(16, 32, 64, 128, 256, 512, 1024), prefill_cached=(0, 128, 256, 1024),
+                    mixed_prefill=(64, 256), mixed_cached=(0, 128, 512), mixed_batch=(4, 16),
+                    mixed_context=(256, 1024),
                     host_batch=(1, 4, 16, 64, 256)),
     # GPU scale.
     "full": Grid(decode_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256),
@@ -131,8 +134,9 @@ def grid_shapes(grid: Grid, max_position: int) -> list[Shape]:
     return list(dict.fromkeys(shapes))
 
 
-def build_chunks(shape: Shape, blocks: BlockManager, vocab_size: int, seed: int = 0) -> list[ScheduledChunk]:
-    """The ScheduledChunks of one step of this shape: synthetic tokens, block tables from the block manager."""
+def build_chunks(shape: Shape, blocks: BlockManager | None, vocab_size: int, seed: int = 0) -> list[ScheduledChunk]:
+    """The ScheduledChunks of one step of this shape: synthetic tokens, block tables from the block manager
+    (or, with blocks None, contiguous slot i for sequence i)."""
     rng = np.random.default_rng(seed)
     chunks = []
     for i, (prompt_len, num_out, start) in enumerate(shape.sequences()):
@@ -141,6 +145,9 @@ def build_chunks(shape: Shape, blocks: BlockManager, vocab_size: int, seed: int 
         req.output_token_ids = rng.integers(0, vocab_size, num_out).tolist()
         req.num_computed_tokens = start
         end = req.num_tokens
+        if blocks is None:
+            chunks.append(ScheduledChunk(req, start, end - start, slot=i))
+            continue
         if blocks.allocate_slots(req.request_id, 0, end) is None:
             raise ConfigError("profile.kv_pool", f"{blocks.num_usable_blocks} blocks cannot hold {shape}")
         chunks.append(ScheduledChunk(req, start, end - start, block_table=blocks.block_table(req.request_id)))
@@ -182,20 +189,46 @@ class _NullRunner:
         return [1 for c in chunks if c.samples]
 
 
-def time_host(batch_size: int, repeats: int, warmup: int, block_size: int, context: int = HOST_CONTEXT,
-              seed: int = 0) -> dict:
+HOST_ADMISSION_TOKENS = 4096  # admission rows admit at most this many prompt tokens in one step
+
+
+def host_blocks(grid: Grid, block_size: int, repeats: int, warmup: int) -> int:
+    """KV blocks (null block included) the host rows of this grid hold at most."""
+    per_decode = -(-(HOST_CONTEXT + warmup + repeats + 2) // block_size)
+    rows = [b * per_decode for b in grid.host_batch]
+    rows += [b * -(-(p + 1) // block_size) for b, p in host_admissions(grid)]
+    return max(rows) + 1
+
+
+def host_admissions(grid: Grid) -> list[tuple[int, int]]:
+    """(batch, prompt tokens) of the grid's admission rows: at most HOST_ADMISSION_TOKENS tokens a step."""
+    return [(b, p) for b in sorted(set(grid.host_batch)) for p in sorted(set(grid.host_prompt))
+            if b * p <= HOST_ADMISSION_TOKENS]
+
+
+def _host_stats(steps) -> dict:
+    """Host time per step (schedule + update, as the engine records it) of the timed steps."""
+    return dict(_stats([s.schedule_s + s.update_s for s in steps]),
+                schedule_ms=1e3 * statistics.median(s.schedule_s for s in steps),
+                update_ms=1e3 * statistics.median(s.update_s for s in steps))
+
+
+def time_host(runner, num_blocks: int, batch_size: int, repeats: int, warmup: int, block_size: int,
+              context: int = HOST_CONTEXT, seed: int = 0) -> dict:
     """The engine's host work per decode step with batch_size running requests (continuous scheduler).
 
-    Engine.step with a runner that does nothing: schedule + update + the step loop's bookkeeping.
+    Engine.step around the real runner (num_blocks: its pool), timed as the engine records it:
+    schedule + update. Timed between real model steps on purpose: host code runs slower on the
+    caches a model step leaves behind than in a loop of its own.
     """
     from reference.engine import Engine
     from reference.schedulers import ContinuousScheduler
 
     max_tokens = warmup + repeats + 2
     total = context + max_tokens
-    sched = ContinuousScheduler(batch_size * -(-total // block_size) + 1, block_size, max_num_seqs=batch_size,
+    sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=batch_size,
                                 max_num_batched_tokens=max(batch_size * context, 2048), max_model_len=total)
-    engine = Engine(sched, _NullRunner())
+    engine = Engine(sched, runner)
     rng = np.random.default_rng(seed)
     for i in range(batch_size):
         engine.add(Request(f"host-{i}", rng.integers(1, 500, context).tolist(), SamplingParams(max_tokens=max_tokens)))
@@ -204,15 +237,38 @@ def time_host(batch_size: int, repeats: int, warmup: int, block_size: int, conte
         raise RuntimeError(f"host profile: {sched.num_running} of {batch_size} requests running")
     for _ in range(warmup):
         engine.step()
-    times = []
     engine.steps.clear()
     for _ in range(repeats):
-        t0 = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t0)
     assert all(s.num_decode_seqs == batch_size for s in engine.steps)
-    return dict(_stats(times), schedule_ms=1e3 * statistics.median(s.schedule_s for s in engine.steps),
-                update_ms=1e3 * statistics.median(s.update_s for s in engine.steps))
+    return _host_stats(engine.steps)
+
+
+def time_host_admission(runner, num_blocks: int, batch_size: int, prompt_tokens: int, repeats: int, warmup: int,
+                        block_size: int, seed: int = 0) -> dict:
+    """The engine's host work for a step that admits batch_size new requests of prompt_tokens each.
+
+    As time_host, on a fresh continuous scheduler each time: admission (prefix-cache lookup, block
+    allocation), then update (full blocks hashed into the prefix cache, first tokens appended).
+    The decode rows of time_host miss this per-token work.
+    """
+    from reference.engine import Engine
+    from reference.schedulers import ContinuousScheduler
+
+    rng = np.random.default_rng(seed)
+    steps = []
+    for i in range(warmup + repeats):
+        sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=batch_size,
+                                    max_num_batched_tokens=batch_size * prompt_tokens, max_model_len=prompt_tokens + 1)
+        engine = Engine(sched, runner)
+        for j in range(batch_size):
+            engine.add(Request(f"admit-{j}", rng.integers(1, 500, prompt_tokens).tolist(), SamplingParams(max_tokens=1)))
+        engine.step()
+        step, = engine.steps
+        assert step.num_prefill_tokens == batch_size * prompt_tokens, step
+        if i >= warmup:
+            steps.append(step)
+    return _host_stats(steps)
 
 
 def _kv_budget(runner) -> tuple[int, str]:
@@ -231,16 +287,18 @@ def _kv_budget(runner) -> tuple[int, str]:
     return CPU_KV_BUDGET, "CPU budget"
 
 
-def _command(model_name: str, out_path, dtype: str, grid: str, repeats: int, warmup: int, block_size: int) -> str:
+def _command(model_name: str, out_path, dtype: str, grid: str, repeats: int, warmup: int, block_size: int,
+             max_context: int | None) -> str:
     """The command that reproduces this profile: `servesim profile ...` when run from the CLI, else the call."""
     import click
 
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.info_name == "profile" and warmup == 2 and block_size == 16:
+        clip = ["--max-context", str(max_context)] if max_context else []
         return shlex.join(["servesim", "profile", "--model", model_name, "--out", str(out_path), "--dtype", dtype,
-                           "--grid", grid, "--repeats", str(repeats)])
+                           "--grid", grid, "--repeats", str(repeats)] + clip)
     return (f"reference.profile.run_profile({model_name!r}, {str(out_path)!r}, dtype={dtype!r}, grid={grid!r}, "
-            f"repeats={repeats}, warmup={warmup}, block_size={block_size})")
+            f"repeats={repeats}, warmup={warmup}, block_size={block_size}, max_context={max_context})")
 
 
 def write_profile_csv(df: pd.DataFrame, metadata: dict, path: str | os.PathLike) -> None:
@@ -255,8 +313,11 @@ def write_profile_csv(df: pd.DataFrame, metadata: dict, path: str | os.PathLike)
 
 def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *, dtype: str = "float32",
                 grid: str | Grid = "default", repeats: int = 5, warmup: int = 2, block_size: int = 16,
-                seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                seed: int = 0, progress: bool = True, max_context: int | None = None) -> pd.DataFrame:
     """Measure step latencies of `model` on the current JAX device; write them to out_path (None: don't).
+
+    max_context clips the grid's contexts and prefill lengths (tokens) below the model's
+    max_position: a linear law fits best over the regime it will be asked about.
 
     Returns the table (metadata in df.attrs), which CalibratedCostModel.from_profile accepts as is.
     """
@@ -273,11 +334,12 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
         if grid not in GRIDS:
             raise ConfigError("grid", f"unknown grid {grid!r}", ", ".join(GRIDS))
         grid = GRIDS[grid]
-    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0), ("block_size", block_size, 1)):
+    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0), ("block_size", block_size, 1),
+                             ("max_context", cfg.max_position if max_context is None else max_context, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
 
-    shapes = grid_shapes(grid, cfg.max_position)
+    shapes = grid_shapes(grid, min(cfg.max_position, max_context or cfg.max_position))
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype)
     if dtype_bytes is None:
         raise ConfigError("dtype", f"unsupported dtype {dtype!r}", "float32, bfloat16, float16")
@@ -297,28 +359,45 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
     physics = StepPhysics(cfg)  # FLOPs of a step (bytes are counted here, in the runner's dtype)
     kv_bytes_per_token = cfg.kv_bytes_per_token(dtype_bytes)
 
+    # The same shapes over contiguous slots (llama.cpp-style engines), when one slot per sequence fits the budget.
+    slots = max(len(s.sequences()) for s in shapes)
+    slot_len = max(p + o for s in shapes for p, o, _ in s.sequences())
+    contiguous = None
+    if slots * slot_len * kv_bytes_per_token <= budget:
+        contiguous = ModelRunner(cfg, runner.params, layout=kv_cache.ContiguousLayout(slots, slot_len), dtype=dtype)
+
     rows = []
-    bar = tqdm(total=len(shapes) + len(grid.host_batch), desc=f"profile {cfg.name}", unit="shape",
-               disable=not progress)
-    for shape in shapes:
-        blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    bar = tqdm(total=len(shapes) * (1 + (contiguous is not None)) + len(grid.host_batch) + len(host_admissions(grid)),
+               desc=f"profile {cfg.name}", unit="shape", disable=not progress)
+    for layout, shape in [("paged", s) for s in shapes] + [("contiguous", s) for s in shapes if contiguous]:
+        blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False) if layout == "paged" else None
         chunks = build_chunks(shape, blocks, cfg.vocab_size, seed)
-        stats = time_step(runner, chunks, repeats, warmup)
+        stats = time_step(runner if layout == "paged" else contiguous, chunks, repeats, warmup)
         s = shape_from_profile_row(shape.kind, shape.batch_size, shape.context_len, shape.prefill_tokens,
                                    shape.cached_context)
         assert s == StepShape.from_chunks((c.num_tokens, c.end) for c in chunks), (shape, s)
         t = stats["median_ms"] / 1e3
         moved = runner.weight_bytes + (s.kv_read_tokens + s.new_tokens) * kv_bytes_per_token
-        rows.append(dict(kind=shape.kind, batch_size=shape.batch_size, context_len=shape.context_len,
+        rows.append(dict(kind=shape.kind, layout=layout, batch_size=shape.batch_size, context_len=shape.context_len,
                          prefill_tokens=shape.prefill_tokens, cached_context=shape.cached_context,
                          num_seqs=s.num_seqs, new_tokens=s.new_tokens, kv_read_tokens=s.kv_read_tokens, **stats,
                          repeats=repeats, tokens_per_s=s.new_tokens / t, achieved_gbps=moved / t / 1e9,
                          achieved_tflops=physics.flops(s) / t / 1e12))
         bar.update()
+    # Host rows around a real runner whose pool holds the largest of them (a null runner when it cannot fit).
+    h_blocks = host_blocks(grid, block_size, repeats, warmup)
+    host_runner = (ModelRunner(cfg, runner.params, layout=kv_cache.PagedLayout(h_blocks, block_size), dtype=dtype)
+                   if h_blocks * kv_per_block <= budget else _NullRunner())
     for b in sorted(set(grid.host_batch)):
-        stats = time_host(b, repeats, warmup, block_size, seed=seed)
-        rows.append(dict(kind=HOST_KIND, batch_size=b, context_len=HOST_CONTEXT, prefill_tokens=0,
+        stats = time_host(host_runner, h_blocks, b, repeats, warmup, block_size, seed=seed)
+        rows.append(dict(kind=HOST_KIND, layout="paged", batch_size=b, context_len=HOST_CONTEXT, prefill_tokens=0,
                          cached_context=0, num_seqs=b, new_tokens=b, kv_read_tokens=0, **stats, repeats=repeats))
+        bar.update()
+    for b, p in host_admissions(grid):  # host rows with prefill_tokens > 0: admissions
+        stats = time_host_admission(host_runner, h_blocks, b, p, repeats, warmup, block_size, seed=seed)
+        rows.append(dict(kind=HOST_KIND, layout="paged", batch_size=b, context_len=p, prefill_tokens=b * p,
+                         cached_context=0, num_seqs=b, new_tokens=b * p, kv_read_tokens=0, **stats,
+                         repeats=repeats))
         bar.update()
     bar.close()
 
@@ -328,12 +407,17 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
         "host": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cpus",
         "preset": cfg.name, "dtype": dtype, "jax": jax.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "grid": f"{grid_name} ({grid.describe()})", "repeats": repeats, "warmup": warmup, "block_size": block_size,
-        "kv_pool_blocks": num_blocks, "weight_bytes": runner.weight_bytes,
+        "grid": f"{grid_name} ({grid.describe()})" + (f", clipped at {max_context} tokens" if max_context else ""), "repeats": repeats, "warmup": warmup, "block_size": block_size,
+        "kv_pool_blocks": num_blocks, "padding": runner.padding.metadata(),
+        "contiguous_slots": f"{slots} x {slot_len} tokens" if contiguous else "none (over the KV budget)",
+        "host_rows": ("schedule + update around real steps" if not isinstance(host_runner, _NullRunner)
+                      else "schedule + update with a null runner (a real pool would exceed the KV budget)"),
+        "weight_bytes": runner.weight_bytes,
         "skipped": f"{len(skipped)} shapes over the KV budget ({budget} bytes, {budget_source})" if skipped else "none",
         "timing": "median_ms = runner.execute end to end (prepare + forward + sampling + token transfer); "
-                  "kind host = Engine.step with a null runner (schedule + update)",
-        "command": _command(cfg.name, out_path, dtype, grid_name, repeats, warmup, block_size),
+                  "kind host = the engine's schedule + update around real steps: batch_size decodes, or "
+                  "(prefill_tokens > 0) the admission of batch_size prompts of context_len tokens",
+        "command": _command(cfg.name, out_path, dtype, grid_name, repeats, warmup, block_size, max_context),
     }
     df = pd.DataFrame(rows)
     df.attrs.update({k: str(v) for k, v in metadata.items()})

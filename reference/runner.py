@@ -15,7 +15,6 @@ Only the sampled token ids come back to the host.
 """
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,18 +26,13 @@ import numpy as np
 from reference import kv_cache as kvc
 from reference import paged_attention as pa
 from reference.batch import ScheduledChunk
+from reference.buckets import Padding
 from reference.config import ModelConfig, get_preset
 from reference.errors import ConfigError
 from reference.model import Params, forward_hidden, init_params, lm_head, param_bytes
 from reference.sampling import sample
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
-    """Smallest power of two >= max(n, minimum), capped at cap."""
-    b = 1 << (max(n, minimum, 1) - 1).bit_length()
-    return b if cap is None else min(b, cap)
 
 
 _TRACES = [0]  # how many step shapes have been traced (= compiled) in this process
@@ -137,10 +131,13 @@ class ModelRunner:
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else params
         self.cache = kvc.allocate(self.cfg, layout, self.dtype)
         self.sampling_seed = sampling_seed
-        self.min_tokens, self.min_seqs, self.min_blocks, self.query_tile = min_tokens, min_seqs, min_blocks, query_tile
+        self.query_tile = query_tile
+        rules = dict(min_tokens=min_tokens, min_seqs=min_seqs, min_blocks=min_blocks, query_tile=query_tile)
         if self.paged:
-            self.max_blocks_per_seq = min(math.ceil(self.cfg.max_position / layout.block_size),
-                                          layout.num_blocks - 1)
+            self.padding = Padding.paged(layout.block_size, self.cfg.max_position, layout.num_blocks, **rules)
+            self.max_blocks_per_seq = self.padding.context_cap // layout.block_size
+        else:
+            self.padding = Padding.contiguous(layout.max_len, **rules)
         self._compilations = 0
         self._last_logits = None
         self._last_rows = np.zeros(0, np.int64)
@@ -193,9 +190,8 @@ class ModelRunner:
         n = len(chunks)
         dec_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
         pre_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-        Sd = _bucket(len(dec_idx), self.min_seqs) if dec_idx else 0
-        Sp = _bucket(len(pre_idx), self.min_seqs) if pre_idx else 0
-        Tp = _bucket(sum(chunks[i].num_tokens for i in pre_idx), self.min_tokens) if pre_idx else 0
+        pad = self.padding.step(len(dec_idx), 0, len(pre_idx), sum(chunks[i].num_tokens for i in pre_idx), 0)
+        Sd, Sp, Tp = pad.decode_rows, pad.prefill_rows, pad.prefill_tokens
         T, R = Sd + Tp, Sd + Sp  # flat tokens, output rows
 
         tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
@@ -248,18 +244,17 @@ class ModelRunner:
 
     def _locate(self, chunks: Sequence[ScheduledChunk], S: int) -> tuple[dict, int]:
         """Where S (padded) sequences' K/V live: block tables [S, MB] (paged) or slots [S], and the context bucket."""
-        ends = [c.end for c in chunks]
+        context = self.padding.context(max(c.end for c in chunks))
         if self.paged:
             bs = self.layout.block_size
-            mb = _bucket(max(-(-e // bs) for e in ends), self.min_blocks, self.max_blocks_per_seq)
-            tables = np.zeros((S, mb), np.int32)  # padded with the null block
+            tables = np.zeros((S, context // bs), np.int32)  # padded with the null block
             for j, c in enumerate(chunks):
                 need = -(-c.end // bs)
                 tables[j, :need] = c.block_table[:need]
-            return {"tables": tables}, mb * bs
+            return {"tables": tables}, context
         slots = np.zeros(S, np.int32)
         slots[:len(chunks)] = [c.slot for c in chunks]
-        return {"slots": slots}, _bucket(max(ends), 16, self.layout.max_len)
+        return {"slots": slots}, context
 
     def run(self, step: PreparedStep) -> list[int]:
         """Device side of a step: block copies, then the jitted forward + sampling; token ids to host."""

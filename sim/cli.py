@@ -112,11 +112,15 @@ def bench_command(config: Path, out_dir: Path | None, fresh: bool, url: str | No
 @click.option("--grid", default="default", show_default=True, type=click.Choice(["quick", "default", "full"]),
               help="How many shapes to measure.")
 @click.option("--repeats", default=5, show_default=True, type=int, help="Timed repetitions per shape (median kept).")
-def profile_command(model_name: str, out_path: Path, dtype: str, grid: str, repeats: int) -> None:
+@click.option("--max-context", type=int, default=None,
+              help="Clip the grid at this many tokens per sequence: profile the regime your experiments serve "
+                   "(their max_model_len / num_ctx) rather than the model's whole context.")
+def profile_command(model_name: str, out_path: Path, dtype: str, grid: str, repeats: int,
+                    max_context: int | None) -> None:
     """Measure step latency over a grid of batch shapes on this machine's JAX device."""
     from reference.profile import run_profile
 
-    table = run_profile(model_name, out_path, dtype=dtype, grid=grid, repeats=repeats)
+    table = run_profile(model_name, out_path, dtype=dtype, grid=grid, repeats=repeats, max_context=max_context)
     click.echo(f"{len(table)} shapes measured -> {out_path}")
 
 

@@ -5,8 +5,11 @@ One interface, two implementations:
 - RooflineCostModel: analytical. A step streams the weights and the batch's K/V from memory and
   does 2 * params * tokens + attention FLOPs; it takes max(memory time, compute time), plus the
   tensor-parallel all-reduces, plus a fixed per-step overhead.
-- CalibratedCostModel: a non-negative least-squares fit of a linear law in the same physical
-  features to a step-latency table that `servesim profile` measured on a real device.
+- CalibratedCostModel: a model of the reference engine on a measured device: a non-negative
+  least-squares fit of a linear law to a step-latency table that `servesim profile` measured.
+  Its features are the sizes of the padded arrays the reference runner builds for the step
+  (reference.buckets: decode rows x padded context, query tiles x padded context, flat tokens,
+  output rows), because the runner computes its padded shapes, not the batch's real tokens.
 
 The simulator calls step_time about a million times per run, so StepShape is a handful of ints
 and step_time is plain Python arithmetic on constants precomputed in __init__ (about a
@@ -27,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from reference.buckets import Padding
 from reference.errors import ConfigError
 from sim import formats
 from sim.hardware import Hardware, get_hardware
@@ -53,9 +57,12 @@ class StepShape:
     prefill_seqs: int = 0  # chunks that are not decodes (prefills, recomputes)
     kv_read_tokens: int = 0  # sum over sequences of the context length after the step
     attn_q_ctx: int = 0  # sum over sequences of causal (query, key) pairs
+    decode_max_context: int = 0  # longest context (tokens after the step) among the decodes
+    prefill_max_context: int = 0  # longest context (tokens after the step) among the other chunks
 
     def __post_init__(self):
-        if min(self.prefill_tokens, self.decode_seqs, self.prefill_seqs, self.kv_read_tokens, self.attn_q_ctx) < 0:
+        if min(self.prefill_tokens, self.decode_seqs, self.prefill_seqs, self.kv_read_tokens, self.attn_q_ctx,
+               self.decode_max_context, self.prefill_max_context) < 0:
             raise ConfigError("step_shape", f"all fields must be >= 0, got {self}")
 
     @property
@@ -83,7 +90,7 @@ class StepShape:
         """batch sequences each decoding one token with context tokens after the step."""
         _require_int(batch, "decode_seqs", 0)
         _require_int(context, "context_len", 1 if batch else 0)
-        return cls(0, batch, 0, batch * context, batch * context)
+        return cls(0, batch, 0, batch * context, batch * context, context if batch else 0)
 
     @classmethod
     def prefill(cls, tokens: int, cached: int = 0, seqs: int = 1) -> StepShape:
@@ -94,12 +101,12 @@ class StepShape:
         if tokens == 0 or seqs == 0:
             return cls()
         ctx = cached + tokens
-        return cls(seqs * tokens, 0, seqs, seqs * ctx, seqs * cls.chunk_q_ctx(tokens, ctx))
+        return cls(seqs * tokens, 0, seqs, seqs * ctx, seqs * cls.chunk_q_ctx(tokens, ctx), 0, ctx)
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[tuple[int, int]]) -> StepShape:
         """From (num_new_tokens, context_len_after_step) per sequence; one new token counts as a decode."""
-        p_tok = d_seq = p_seq = kv = qc = 0
+        p_tok = d_seq = p_seq = kv = qc = d_max = p_max = 0
         for n, ctx in chunks:
             if n <= 0 or ctx < n:
                 raise ConfigError("chunk", f"need 0 < num_new_tokens <= context_len_after_step, got ({n}, {ctx})")
@@ -107,34 +114,41 @@ class StepShape:
             if n == 1:
                 d_seq += 1
                 qc += ctx
+                d_max = max(d_max, ctx)
             else:
                 p_tok += n
                 p_seq += 1
                 qc += n * (ctx - n) + n * (n + 1) // 2
-        return cls(p_tok, d_seq, p_seq, kv, qc)
+                p_max = max(p_max, ctx)
+        return cls(p_tok, d_seq, p_seq, kv, qc, d_max, p_max)
 
     @classmethod
     def from_scheduler_output(cls, out) -> StepShape:
-        """From a reference.batch.SchedulerOutput (uses each chunk's num_tokens, end and is_decode)."""
-        p_tok = d_seq = p_seq = kv = qc = 0
+        """From a reference.batch.SchedulerOutput; as from_chunks, a one-token chunk is a decode (as the runner does)."""
+        p_tok = d_seq = p_seq = kv = qc = d_max = p_max = 0
         for c in out.chunks:  # hot path (once per simulated step): properties inlined, ~2x faster
             n = c.num_tokens
-            start = c.start
-            kv += start + n
-            if n == 1 and start >= len(c.request.prompt_token_ids):  # c.is_decode
+            end = c.start + n
+            kv += end
+            if n == 1:
                 d_seq += 1
-                qc += start + 1
+                qc += end
+                if end > d_max:
+                    d_max = end
             else:
                 p_tok += n
                 p_seq += 1
-                qc += n * start + n * (n + 1) // 2
-        return cls(p_tok, d_seq, p_seq, kv, qc)
+                qc += n * c.start + n * (n + 1) // 2
+                if end > p_max:
+                    p_max = end
+        return cls(p_tok, d_seq, p_seq, kv, qc, d_max, p_max)
 
     def __add__(self, other: StepShape) -> StepShape:
         """Both batches in one step."""
         return StepShape(self.prefill_tokens + other.prefill_tokens, self.decode_seqs + other.decode_seqs,
                          self.prefill_seqs + other.prefill_seqs, self.kv_read_tokens + other.kv_read_tokens,
-                         self.attn_q_ctx + other.attn_q_ctx)
+                         self.attn_q_ctx + other.attn_q_ctx, max(self.decode_max_context, other.decode_max_context),
+                         max(self.prefill_max_context, other.prefill_max_context))
 
 
 def _require_int(value, field: str, lo: int) -> None:
@@ -392,19 +406,49 @@ def _nonneg(value, field: str) -> float:
 # Calibrated
 # --------------------------------------------------------------------------------------------
 
-#: Features of the calibrated law t = sum(c_i * feature_i), in this order.
-FEATURES = ("step", "prefill_tokens", "decode_seqs", "kv_read_tokens", "attn_q_ctx")
+#: Features of the calibrated law t = sum(c_i * feature_i), in this order. They are the sizes of the
+#: padded arrays the reference runner builds for the step (reference.buckets), because that is what
+#: it computes: every layer runs over `tokens` flat tokens, the LM head and sampler over `rows`
+#: rows, decode attention gathers decode_rows x decode_context K/V tokens and the ragged prefill
+#: attention prefill_tiles x prefill_context.
+FEATURES = ("step", "tokens", "rows", "decode_kv", "prefill_kv")
 PROFILE_COLUMNS = ("kind", "batch_size", "context_len", "prefill_tokens", "cached_context", "median_ms")
 PROFILE_KINDS = ("decode", "prefill", "mixed")
-#: Profile rows of this kind time the engine's host work per step (schedule + update) with batch_size
-#: decoding requests; they calibrate HOST_FEATURES, added to every step, not the device law.
+PROFILE_LAYOUTS = ("paged", "contiguous")  # the optional `layout` column (default paged)
+#: Profile rows of this kind time the engine's host work per step (schedule + update): batch_size
+#: decoding requests, or (prefill_tokens > 0) the admission of batch_size prompts. They calibrate
+#: HOST_FEATURES (per step, per sequence, per prefill token: admission and prefix hashing), added
+#: to every step, not the device law.
 HOST_KIND = "host"
-HOST_FEATURES = ("step", "seq")
+HOST_FEATURES = ("step", "seq", "prefill_token")
 
 
-def features(s: StepShape) -> tuple[float, float, float, float, float]:
-    """The calibrated law's features of a step, in FEATURES order."""
-    return (1.0, s.prefill_tokens, s.decode_seqs, s.kv_read_tokens, s.attn_q_ctx)
+def features(s: StepShape, padding: Padding) -> tuple[float, float, float, float, float]:
+    """The calibrated law's features of a step, in FEATURES order, for a runner that pads with `padding`."""
+    p = padding.step(s.decode_seqs, s.decode_max_context, s.prefill_seqs, s.prefill_tokens, s.prefill_max_context)
+    return (1.0, p.tokens, p.rows, p.decode_rows * p.decode_context, p.prefill_tiles * p.prefill_context)
+
+
+def profile_padding(metadata: Mapping[str, str], model_cfg=None, layout: str = "paged") -> Padding:
+    """The padding of the runner a profile's rows of this layout were measured with, from its metadata.
+
+    Its '# padding:' line (min_tokens=16 min_seqs=4 ...), block_size and kv_pool_blocks (paged) or
+    contiguous_slots ('N x L tokens'); the runner's defaults for what a profile does not say
+    (profiles written before padding was recorded).
+    """
+    rules = {}
+    for item in metadata.get("padding", "").split():
+        key, _, value = item.partition("=")
+        if key in ("min_tokens", "min_seqs", "min_blocks", "query_tile", "min_context") and value.isdigit():
+            rules[key] = int(value)
+    if layout == "contiguous":
+        words = metadata.get("contiguous_slots", "").split()
+        return Padding.contiguous(int(words[2]) if len(words) > 2 and words[2].isdigit() else 1 << 20, **rules)
+    bs = metadata.get("block_size", "16")
+    pool = metadata.get("kv_pool_blocks", "")
+    max_position = model_cfg.max_position if model_cfg is not None else 1 << 20
+    return Padding.paged(int(bs) if bs.isdigit() else 16, max_position, int(pool) if pool.isdigit() else None,
+                         **rules)
 
 
 def shape_from_profile_row(kind: str, batch_size: int, context_len: int, prefill_tokens: int,
@@ -464,9 +508,10 @@ class FitReport:
     p90_rel_error: float
     max_rel_error: float
     unconstrained: tuple[str, ...] = ()  # features the table never exercised (coefficient left at 0)
+    layout: str = "paged"  # the KV layout of the rows fitted
 
     def summary(self) -> str:
-        text = (f"fit over {self.rows} rows: relative error mean {self.mean_rel_error:.2%}, "
+        text = (f"fit over {self.rows} {self.layout} rows: relative error mean {self.mean_rel_error:.2%}, "
                 f"median {self.median_rel_error:.2%}, p90 {self.p90_rel_error:.2%}, max {self.max_rel_error:.2%}")
         if self.unconstrained:
             text += f"; not exercised by the table: {', '.join(self.unconstrained)}"
@@ -474,26 +519,31 @@ class FitReport:
 
 
 class CalibratedCostModel(CostModel):
-    """t = c_step + c_prefill * prefill_tokens + c_decode * decode_seqs + c_kv * kv_read_tokens + c_attn * attn_q_ctx.
+    """t = c_step + c_tokens * tokens + c_rows * rows + c_decode_kv * decode_kv + c_prefill_kv * prefill_kv.
 
-    Coefficients (s per unit) are non-negative, so predictions never decrease with more work.
-    The fixed term is reported as overhead (on a GPU it is mostly the weight read of a decode
-    step), the per-token and attention terms as compute, the KV term as kv_reads.
-    host_coefficients (s, s per sequence; from the profile's 'host' rows) price the engine's
-    host work per step (scheduler.schedule + update): h_step + h_seq * num_seqs, added to overhead.
-    With model_cfg given, bytes_moved and flops are filled in from StepPhysics for reporting.
+    The features (FEATURES) are the padded sizes of the step on the reference runner, computed
+    with `padding`: the rules of the runner that was profiled, applied to the KV layout of the
+    engine being simulated. Coefficients (s per unit) are non-negative, so predictions never
+    decrease with more work. The fixed term is reported as overhead, the token and row terms as
+    compute, the K/V gather terms as kv_reads. host_coefficients (s, s per sequence, s per prefill
+    token; from the profile's 'host' rows) price the engine's host work per step
+    (scheduler.schedule + update): h_step + h_seq * num_seqs + h_prefill_token * prefill_tokens,
+    added to overhead. With model_cfg given, bytes_moved and flops are filled in from StepPhysics
+    for reporting.
     """
 
-    def __init__(self, coefficients: Mapping[str, float], *, fit_report: FitReport | None = None,
-                 metadata: Mapping[str, str] | None = None, model_cfg=None, weight_format: str = "fp16",
-                 kv_dtype: str = "fp16", tp: int = 1, hardware: Hardware | str | None = None,
-                 host_coefficients: Mapping[str, float] | None = None):
+    def __init__(self, coefficients: Mapping[str, float], *, padding: Padding | None = None,
+                 fit_report: FitReport | None = None, metadata: Mapping[str, str] | None = None, model_cfg=None,
+                 weight_format: str = "fp16", kv_dtype: str = "fp16", tp: int = 1,
+                 hardware: Hardware | str | None = None, host_coefficients: Mapping[str, float] | None = None):
+        """padding: the runner's bucket rules for the simulated engine's layout (default: the profile's)."""
         unknown = set(coefficients) - set(FEATURES)
         if unknown:
             raise ConfigError("coefficients", f"unknown features {sorted(unknown)}", ", ".join(FEATURES))
         self.coefficients = {f: _nonneg(float(coefficients.get(f, 0.0)), f"coefficients.{f}") for f in FEATURES}
         self.fit_report = fit_report
         self.metadata = dict(metadata or {})
+        self.padding = padding or profile_padding(self.metadata, model_cfg)
         self.model_cfg = model_cfg
         self.hardware = get_hardware(hardware) if isinstance(hardware, str) else hardware
         self.physics = StepPhysics(model_cfg, weight_format, kv_dtype, tp) if model_cfg is not None else None
@@ -507,20 +557,29 @@ class CalibratedCostModel(CostModel):
         self._h = tuple(self.host_coefficients[f] for f in HOST_FEATURES)
 
     @classmethod
-    def from_profile(cls, profile, *, model_cfg=None, weight_format: str = "fp16", kv_dtype: str = "fp16",
-                     tp: int = 1, hardware: Hardware | str | None = None, field: str = "profile",
-                     check_model: bool = True) -> CalibratedCostModel:
+    def from_profile(cls, profile, *, model_cfg=None, padding: Padding | None = None, weight_format: str = "fp16",
+                     kv_dtype: str = "fp16", tp: int = 1, hardware: Hardware | str | None = None,
+                     field: str = "profile", check_model: bool = True) -> CalibratedCostModel:
         """Fit the law to a profile CSV (path) or DataFrame written by `servesim profile`.
 
-        Rows are weighted by 1 / median_ms so the fit minimises relative error (step times span
-        milliseconds to seconds). With check_model, a profile whose metadata names a different
-        preset than model_cfg is refused.
+        The rows are priced with the profiled runner's padding (profile_padding); predictions use
+        `padding` (the simulated engine's layout), default the same. Rows are weighted by
+        1 / median_ms so the fit minimises relative error (step times span milliseconds to
+        seconds). With check_model, a profile whose metadata names a different preset than
+        model_cfg is refused.
         """
         import numpy as np
 
         df, metadata = read_profile(profile, field)
         host_rows = df[df["kind"] == HOST_KIND]
         df = df[df["kind"] != HOST_KIND]
+        # Contiguous slots and paged blocks gather K/V differently: fit the rows of the simulated layout.
+        layout = "contiguous" if padding is not None and padding.block_size is None else "paged"
+        if (df["layout"] == layout).any():
+            df = df[df["layout"] == layout]
+        else:  # an older profile, or one whose contiguous rows did not fit: the other layout's law
+            layout = str(df["layout"].iloc[0]) if len(df) else layout
+            df = df[df["layout"] == layout]
         if check_model and model_cfg is not None:
             measured = metadata.get("preset") or metadata.get("model")
             if measured and measured != model_cfg.name:
@@ -529,12 +588,13 @@ class CalibratedCostModel(CostModel):
         shapes = [shape_from_profile_row(str(k), int(b), int(c), int(p), int(cc))
                   for k, b, c, p, cc in zip(df["kind"], df["batch_size"], df["context_len"],
                                             df["prefill_tokens"], df["cached_context"])]
-        t = df["median_ms"].to_numpy(dtype=float) / 1e3
-        a = np.array([features(s) for s in shapes], dtype=float)
         for name in ("prefill_tokens", "decode_seqs"):
-            if not a[:, FEATURES.index(name)].any():
+            if not any(getattr(s, name) for s in shapes):
                 raise ConfigError(field, f"no row has {name} > 0, so its cost cannot be calibrated",
                                   "a profile with decode and prefill rows")
+        profiled = profile_padding(metadata, model_cfg, layout)
+        t = df["median_ms"].to_numpy(dtype=float) / 1e3
+        a = np.array([features(s, profiled) for s in shapes], dtype=float)
         aw = a / t[:, None]  # relative-error weighting
         norms = np.linalg.norm(aw, axis=0)
         used = norms > 0
@@ -544,24 +604,36 @@ class CalibratedCostModel(CostModel):
         rel = np.abs(pred - t) / t
         report = FitReport(rows=len(t), mean_rel_error=float(rel.mean()), median_rel_error=float(np.median(rel)),
                            p90_rel_error=float(np.quantile(rel, 0.9)), max_rel_error=float(rel.max()),
-                           unconstrained=tuple(f for f, u in zip(FEATURES, used) if not u))
+                           unconstrained=tuple(f for f, u in zip(FEATURES, used) if not u), layout=layout)
         host = {}
-        if len(host_rows):  # t_host = h_step + h_seq * batch_size, relative error, non-negative
+        if len(host_rows):  # t_host = h_step + h_seq * batch_size + h_tok * prefill_tokens, relative error, >= 0
             th = host_rows["median_ms"].to_numpy(dtype=float) / 1e3
-            ah = np.stack([np.ones(len(th)), host_rows["batch_size"].to_numpy(dtype=float)], axis=1) / th[:, None]
+            ah = np.stack([np.ones(len(th)), host_rows["batch_size"].to_numpy(dtype=float),
+                           host_rows["prefill_tokens"].to_numpy(dtype=float)], axis=1) / th[:, None]
             nh = np.linalg.norm(ah, axis=0)
-            host = dict(zip(HOST_FEATURES, map(float, nnls(ah / nh, np.ones(len(th))) / nh)))
-        return cls(dict(zip(FEATURES, map(float, coef))), fit_report=report, metadata=metadata,
-                   model_cfg=model_cfg, weight_format=weight_format, kv_dtype=kv_dtype, tp=tp, hardware=hardware,
-                   host_coefficients=host)
+            fit = np.zeros(len(HOST_FEATURES))
+            fit[nh > 0] = nnls(ah[:, nh > 0] / nh[nh > 0], np.ones(len(th))) / nh[nh > 0]
+            host = dict(zip(HOST_FEATURES, map(float, fit)))
+        return cls(dict(zip(FEATURES, map(float, coef))), padding=padding or profiled, fit_report=report,
+                   metadata=metadata, model_cfg=model_cfg, weight_format=weight_format, kv_dtype=kv_dtype, tp=tp,
+                   hardware=hardware, host_coefficients=host)
+
+    def device_seconds(self, batch: StepShape) -> float:
+        """The runner's part of the step (prepare + forward + sampling), without host scheduling work (s)."""
+        return sum(c * x for c, x in zip(self._c, features(batch, self.padding)))
+
+    def host_seconds(self, batch: StepShape) -> float:
+        """The engine's scheduling work around the step (schedule + update) (s)."""
+        return self._h[0] + self._h[1] * (batch.prefill_seqs + batch.decode_seqs) + self._h[2] * batch.prefill_tokens
 
     def step_time(self, batch: StepShape) -> StepCost:
         if batch.prefill_tokens + batch.decode_seqs == 0:
             return _zero_cost()
-        c0, cp, cd, ckv, cqc = self._c
-        t_fixed = c0 + self._h[0] + self._h[1] * (batch.prefill_seqs + batch.decode_seqs)
-        t_kv = ckv * batch.kv_read_tokens
-        t_c = cp * batch.prefill_tokens + cd * batch.decode_seqs + cqc * batch.attn_q_ctx
+        _, tokens, rows, decode_kv, prefill_kv = features(batch, self.padding)
+        c0, ct, cr, cdk, cpk = self._c
+        t_fixed = c0 + self.host_seconds(batch)
+        t_kv = cdk * decode_kv + cpk * prefill_kv
+        t_c = ct * tokens + cr * rows
         total = t_fixed + t_kv + t_c
         ph = self.physics
         return StepCost(
@@ -574,7 +646,9 @@ class CalibratedCostModel(CostModel):
 
     def describe(self) -> dict:
         out = {"kind": "calibrated", "coefficients": dict(self.coefficients),
-               "host_coefficients": dict(self.host_coefficients), "metadata": dict(self.metadata)}
+               "host_coefficients": dict(self.host_coefficients), "padding": {
+                   "block_size": self.padding.block_size, "context_cap": self.padding.context_cap,
+                   "rules": self.padding.metadata()}, "metadata": dict(self.metadata)}
         if self.fit_report is not None:
             out["fit"] = self.fit_report.summary()
         return out
@@ -620,6 +694,10 @@ def read_profile(profile, field: str = "profile"):
         raise ConfigError(field, f"profile lacks columns {missing}", ", ".join(PROFILE_COLUMNS))
     df = df.copy()
     df["kind"] = df["kind"].astype(str).str.strip()
+    df["layout"] = df["layout"].astype(str).str.strip() if "layout" in df.columns else "paged"
+    bad = sorted(set(df["layout"]) - set(PROFILE_LAYOUTS))
+    if bad:
+        raise ConfigError(f"{field}.layout", f"unknown layouts {bad}", ", ".join(PROFILE_LAYOUTS))
     bad = sorted(set(df["kind"]) - set(PROFILE_KINDS) - {HOST_KIND})
     if bad:
         raise ConfigError(f"{field}.kind", f"unknown row kinds {bad}", ", ".join(PROFILE_KINDS + (HOST_KIND,)))
@@ -647,13 +725,15 @@ CALIBRATED_KEYS = ("kind", "profile", "weight_format", "kv_dtype", "tp", "hardwa
 
 def make_cost_model(section: Mapping, model_cfg, *, weight_format: str | None = None, kv_dtype: str | None = None,
                     tp: int | None = None, base_dir: str | os.PathLike | None = None,
-                    prefix: str = "cost_model") -> CostModel:
+                    prefix: str = "cost_model", padding: Padding | None = None) -> CostModel:
     """Build a cost model from a [cost_model] table.
 
     {kind="roofline", hardware="h100-sxm", weight_format="fp16", kv_dtype="fp16", tp=1, ...} or
     {kind="calibrated", profile="path.csv"}. weight_format / kv_dtype / tp given here are
     defaults the section may override. A relative profile path is resolved against base_dir
-    (the experiment file's folder). Unknown kinds and keys raise ConfigError naming them.
+    (the experiment file's folder). padding: the reference runner's padding for the simulated
+    engine's KV layout (calibrated only; default the profiled runner's). Unknown kinds and keys
+    raise ConfigError naming them.
     """
     if not isinstance(section, Mapping):
         raise ConfigError(prefix, f"must be a table, got {type(section).__name__}")
@@ -690,8 +770,9 @@ def make_cost_model(section: Mapping, model_cfg, *, weight_format: str | None = 
     if hw is not None:
         hw = _with_prefix(get_hardware, p, hw)
     StepPhysics(model_cfg, wf, kvd, tpv, field_prefix=p)  # validate with prefixed field names
-    return CalibratedCostModel.from_profile(path, model_cfg=model_cfg, weight_format=wf, kv_dtype=kvd, tp=tpv,
-                                            hardware=hw, field=f"{prefix}.profile", check_model=not allow)
+    return CalibratedCostModel.from_profile(path, model_cfg=model_cfg, padding=padding, weight_format=wf,
+                                            kv_dtype=kvd, tp=tpv, hardware=hw, field=f"{prefix}.profile",
+                                            check_model=not allow)
 
 
 def _hardware_names():

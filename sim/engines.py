@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from reference.buckets import Padding
 from reference.config import ModelConfig
 from reference.errors import ConfigError
 from reference.schedulers import ContinuousScheduler, Scheduler, SequentialScheduler, StaticScheduler
@@ -124,6 +125,17 @@ def _reference_plan(engine: EngineConfig, model: ModelConfig, kv_per_token: int,
         return MemoryPlan(0, weights, 0, tokens * kv_per_token, kv_per_token, tokens, num_blocks, bs)
     tokens = engine.kv_capacity_tokens or engine.max_batch_size * engine.max_model_len
     return MemoryPlan(0, weights, 0, tokens * kv_per_token, kv_per_token, tokens)
+
+
+def runner_padding(engine: EngineConfig, model: ModelConfig) -> Padding:
+    """How the reference runner pads this engine's steps (its KV layout, the runner's default bucket rules)."""
+    if isinstance(engine, SequentialEngine):
+        return Padding.contiguous(engine.num_ctx)
+    if isinstance(engine, StaticEngine):
+        return Padding.contiguous(engine.max_model_len)
+    if isinstance(engine, ContinuousEngine):
+        return Padding.paged(engine.block_size, model.max_position, engine.num_blocks or None)
+    raise ConfigError("scheduler", f"no KV layout for {type(engine).__name__}", "sequential, static, continuous, orca")
 
 
 def build_scheduler(engine: EngineConfig, plan: MemoryPlan) -> Scheduler:

@@ -17,7 +17,7 @@ import simpy
 
 from reference.request import Outcome, Request
 from sim.costmodel import CostModel, make_cost_model
-from sim.engines import MemoryPlan, build_scheduler, plan_memory
+from sim.engines import MemoryPlan, build_scheduler, plan_memory, runner_padding
 from sim.experiment import Cell, EngineConfig, Experiment
 from sim.hardware import Hardware, get_hardware
 from sim.metrics import CellAccumulator, ResultsWriter
@@ -41,7 +41,8 @@ def cost_model_for(exp: Experiment, engine: EngineConfig) -> CostModel:
                               "a name from `servesim hardware`, or cost_model.kind = 'calibrated'")
         section["hardware"] = exp.hardware.preset
     return make_cost_model(section, exp.model_config, weight_format=engine.weights, kv_dtype=engine.kv_dtype,
-                           tp=exp.hardware.tp, base_dir=exp.base_dir)
+                           tp=exp.hardware.tp, base_dir=exp.base_dir,
+                           padding=runner_padding(engine, exp.model_config))
 
 
 def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: Callable | None = None,

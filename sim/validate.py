@@ -1,17 +1,19 @@
 """`servesim validate`: the simulator against the reference engine on this machine, same config.
 
-1. profile the reference engine here (reference.profile.run_profile) unless a profile is given;
-2. run the experiment on the real engine (reference.bench.run_bench) into DIR/bench, after an
-   untimed pass of the same experiment that compiles the step shapes it meets (one compilation
-   costs ~1-2 s on CPU, hundreds of steps; the bench's own warm-up, one request per client,
-   misses the bucket combinations that only a loaded engine reaches);
+1. profile the reference engine here (reference.profile.run_profile) unless a profile is given,
+   over the regime the experiments serve (contexts up to their engines' longest context);
+2. run the experiment on the real engine (reference.bench.run_bench) into DIR/bench; a step
+   shape first compiled during a measured run is taken off the engine's clock (one compilation
+   costs ~1-2 s on CPU, hundreds of steps; open-loop arrivals keep meeting new bucket
+   combinations that no warm-up foresees), so the bench measures a fully compiled engine;
 3. run it on the simulator with cost_model = {kind="calibrated", profile=...} and no hardware
    preset (so sim.engines.plan_memory sizes the KV cache exactly as the bench does) into DIR/sim;
 4. DIR/errors.csv: cell, metric, measured, predicted, error_pct ((pred - meas) / meas * 100);
 5. DIR/fidelity.png: predicted vs measured, one panel per metric, y = x with +-5% / +-10% bands.
 
 The simulator's step time is the calibrated model's: runner.execute (model + prepare + sampling +
-token transfer) from the profile's step rows, plus the engine's host work outside the runner
+token transfer) from the profile's step rows of the engine's KV layout, priced on the padded
+shapes the runner builds (reference.buckets), plus the engine's host work outside the runner
 (schedule + update + loop) from its 'host' rows. Nothing is fitted per experiment.
 
 Where do errors come from? DIR/steps_check.csv replays the bench's own steps (DIR/bench/steps.csv.gz:
@@ -22,11 +24,13 @@ or loop). If the per-step sums agree but the metrics do not, the error is not th
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from reference.errors import ConfigError
+from sim.costmodel import StepShape
 
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms")
 TARGETS = {"output_throughput": 5.0, "mean_e2el_ms": 5.0, "p99_e2el_ms": 5.0, "mean_ttft_ms": 10.0,
@@ -94,14 +98,14 @@ def check_steps(steps_path: str | Path, cost, requests: pd.DataFrame | None = No
     span_s = first step start to last step end; outside_s = span - sum of step times (idle, arrivals, loop).
     """
     steps = pd.read_csv(steps_path)
-    c0, cp, cd, ckv, cqc = cost._c
-    h0, h1 = cost._h
-    prefill_seqs = steps.num_seqs - steps.num_decode_seqs
-    qc = steps["attn_q_ctx"] if "attn_q_ctx" in steps else steps.context_tokens  # older files: decode-only exact
+    if "decode_max_context" not in steps:
+        raise ConfigError("steps", f"{steps_path} predates per-part context columns; re-run the bench")
+    shapes = [StepShape(p, d, n - d, kv, qc, dm, pm) for p, d, n, kv, qc, dm, pm in zip(
+        steps.num_prefill_tokens, steps.num_decode_seqs, steps.num_seqs, steps.context_tokens, steps.attn_q_ctx,
+        steps.decode_max_context, steps.prefill_max_context)]
     steps = steps.assign(
-        pred_exec_s=c0 + cp * steps.num_prefill_tokens + cd * steps.num_decode_seqs + ckv * steps.context_tokens
-        + cqc * qc,
-        pred_host_s=h0 + h1 * steps.num_seqs, host_s=steps.schedule_s + steps.update_s, prefill_seqs=prefill_seqs,
+        pred_exec_s=[cost.device_seconds(s) for s in shapes], pred_host_s=[cost.host_seconds(s) for s in shapes],
+        host_s=steps.schedule_s + steps.update_s,
         kind=np.where(steps.num_prefill_tokens == 0, "decode", np.where(steps.num_decode_seqs == 0, "prefill", "mixed")))
     rows = []
     for cell, g in steps.groupby("cell", sort=False):
@@ -162,11 +166,11 @@ def plot_fidelity(errors: pd.DataFrame, path: str | Path) -> Path:
 
 
 def run_validate(configs, out_dir: str | Path, profile: str | Path | None = None, *, grid="default",
-                 compile_pass: bool = True, progress: bool = True, echo=print) -> pd.DataFrame:
+                 progress: bool = True, echo=print) -> pd.DataFrame:
     """Profile (unless given), bench, simulate, compare. configs: one path or several (each into DIR/<name>/).
 
-    compile_pass: run each experiment once on the engine untimed first (see below); the bench's
-    summary still reports compilations_during_run for any bucket met only in the measured pass.
+    The bench takes compile stalls off the engine's clock (reference.bench.bench_cell), so they
+    do not count as serving time.
     """
     from reference.bench import run_bench
     from sim.experiment import load_experiment
@@ -181,16 +185,13 @@ def run_validate(configs, out_dir: str | Path, profile: str | Path | None = None
         profile = out / "profile.csv"
         if not profile.exists():
             echo(f"profiling {exps[0].model_config.name} on this machine -> {profile}")
-            run_profile(exps[0].model_config.name, profile, dtype=exps[0].dtype, grid=grid, progress=progress)
+            # The regime the experiments serve: no sequence is longer than its engine's context.
+            longest = max(e.context_len for x in exps for e in x.engines)
+            run_profile(exps[0].model_config.name, profile, dtype=exps[0].dtype, grid=grid, progress=progress,
+                        max_context=longest)
     all_errors, all_checks = [], []
     for exp in exps:
         sub = out if len(exps) == 1 else out / exp.name
-        if compile_pass and not (sub / "bench" / "summary.json").exists():
-            # The jitted steps are cached per process: an untimed pass over the same workload compiles
-            # (nearly) every bucket the measured pass meets, so compile stalls do not count as serving.
-            with tempfile.TemporaryDirectory() as scratch:
-                echo(f"{exp.name}: compile pass (untimed)")
-                run_bench(exp, scratch, resume=False, progress=progress, echo=echo)
         run_bench(exp, sub / "bench", progress=progress, echo=echo)
         drop_token_times(sub / "bench" / "requests.csv")
         sexp = sim_experiment(exp, profile)

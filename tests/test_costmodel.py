@@ -19,6 +19,7 @@ from reference.config import get_preset
 from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
 from sim.cli_physics import steptime_command
+from reference.buckets import Padding
 from sim.costmodel import (FEATURES, CalibratedCostModel, RooflineCostModel, StepShape, features, make_cost_model,
                            nnls, shape_from_profile_row)
 from sim.hardware import get_hardware
@@ -245,7 +246,8 @@ def test_sim_does_not_import_jax():
 # ---------------------------------------------------------------------------- calibrated
 
 # A known law, in ms per unit of each feature.
-LAW_MS = {"step": 4.0, "prefill_tokens": 0.03, "decode_seqs": 0.012, "kv_read_tokens": 2.5e-4, "attn_q_ctx": 4e-8}
+LAW_MS = {"step": 4.0, "tokens": 0.03, "rows": 0.012, "decode_kv": 2.5e-4, "prefill_kv": 4e-6}
+PADDING = Padding.paged(16, 1 << 20)  # what from_profile assumes for a profile that records no padding
 
 
 def synthetic_profile(noise=0.0, seed=0, law=LAW_MS):
@@ -259,7 +261,7 @@ def synthetic_profile(noise=0.0, seed=0, law=LAW_MS):
         rows.append(("mixed", b, 1024, p, 256))
     out = []
     for kind, b, ctx, p, cached in rows:
-        f = features(shape_from_profile_row(kind, b, ctx, p, cached))
+        f = features(shape_from_profile_row(kind, b, ctx, p, cached), PADDING)
         ms = sum(law[name] * x for name, x in zip(FEATURES, f))
         ms *= 1 + noise * rng.standard_normal()
         out.append({"kind": kind, "batch_size": b, "context_len": ctx, "prefill_tokens": p,
@@ -283,7 +285,7 @@ def test_calibrated_recovers_known_law(tmp_path):
     assert cm.fit_report.rows == len(synthetic_profile())
     assert cm.metadata["device"] == "TestGPU 9000" and cm.metadata["preset"] == "llama-3.1-8b"
     s = StepShape.decode(10, 1000) + StepShape.prefill(100, 50)
-    expected = sum(LAW_MS[n] * x for n, x in zip(FEATURES, features(s))) / 1e3
+    expected = sum(LAW_MS[n] * x for n, x in zip(FEATURES, features(s, PADDING))) / 1e3
     cost = cm.step_time(s)
     assert cost.total_s == pytest.approx(expected, rel=1e-6)
     assert cost.bytes_moved > LLAMA8.weight_bytes(16) and cost.flops > 0
@@ -303,7 +305,7 @@ def test_calibrated_reports_error_of_noisy_table():
 
 def test_calibrated_coefficients_never_negative():
     # A law whose attention term is zero plus noise would fit a negative coefficient without the constraint.
-    law = dict(LAW_MS, attn_q_ctx=0.0, kv_read_tokens=0.0)
+    law = dict(LAW_MS, decode_kv=0.0, prefill_kv=0.0)
     cm = CalibratedCostModel.from_profile(synthetic_profile(noise=0.05, seed=3, law=law))
     assert all(c >= 0 for c in cm.coefficients.values())
     shapes = [StepShape.decode(b, 100) for b in range(1, 50)]

@@ -379,3 +379,36 @@ def test_closed_loop_client_timeout_frees_kv(fake_time):
     assert by_id["b1"].arrival_time == by_id["b0"].finish_time  # the client moved on after giving up
     assert by_id["b1"].output_token_ids == expected(1, 3)
     assert not sched.has_unfinished() and sched.blocks.num_free_blocks == sched.blocks.num_usable_blocks
+
+
+def test_compilation_is_taken_off_the_clock_and_the_rerun_changes_nothing():
+    """exclude_compilation: a step that compiled runs again, warm, and only that run is on the clock;
+    re-running a step (same K/V written again, same seeded samples) leaves the outputs exact."""
+    clock = [0.0]
+    sched = SCHEDULERS["preempt"]()
+    inner = make_runner(sched)
+
+    class CompilingRunner:
+        """The real runner, plus a fake clock: 1 ms a step, 2 s more the first time a batch size is met."""
+        num_compilations = 0
+
+        def __init__(self):
+            self.seen = set()
+
+        def execute(self, chunks, copies=()):
+            if len(chunks) not in self.seen:
+                self.seen.add(len(chunks))
+                self.num_compilations += 1
+                clock[0] += 2.0
+            clock[0] += 0.001
+            return inner.execute(chunks, copies)
+
+    engine = Engine(sched, CompilingRunner(), clock=lambda: clock[0], exclude_compilation=True)
+    reqs = serve(engine, PROMPTS)
+    assert [r.output_token_ids for r in reqs] == [expected(i) for i in range(len(PROMPTS))]
+    assert sched.num_preemptions > 0
+    n = engine.runner.num_compilations
+    assert n >= 2 and engine.compile_s == pytest.approx(n * 2.001)
+    assert all(s.execute_s == pytest.approx(0.001) for s in engine.steps)
+    assert max(r.finish_time for r in reqs) == pytest.approx(engine.now())
+    assert engine.now() == pytest.approx(0.001 * len(engine.steps))  # only the warm runs are on the clock

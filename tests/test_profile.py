@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from reference import profile as prof
 from reference.block_manager import BlockManager
+from reference.buckets import Padding
 from reference.config import get_preset
 from reference.errors import ConfigError
 from sim.cli import main
@@ -42,12 +43,17 @@ def test_profile_csv_has_metadata_and_columns(quick_profile):
     assert {"min_ms", "p90_ms", "prepare_ms", "first_call_ms", "achieved_gbps", "schedule_ms"} <= set(df.columns)
     assert set(df.kind) == {"decode", "prefill", "mixed", "host"}
     steps = df[df.kind != "host"]
-    assert len(steps) == len(prof.grid_shapes(prof.GRIDS["quick"], TINY.max_position))
+    n_shapes = len(prof.grid_shapes(prof.GRIDS["quick"], TINY.max_position))
+    assert (steps.layout == "paged").sum() == (steps.layout == "contiguous").sum() == n_shapes
     assert (steps.min_ms <= steps.median_ms).all() and (steps.median_ms <= steps.p90_ms + 1e-9).all()
     assert (steps.prepare_ms < steps.median_ms).all()  # host preparation is part of the timed step
     assert (steps.first_call_ms > steps.median_ms).all()  # the first call compiled
     host = df[df.kind == "host"]
-    assert list(host.batch_size) == list(prof.GRIDS["quick"].host_batch)
+    quick = prof.GRIDS["quick"]
+    assert list(host[host.prefill_tokens == 0].batch_size) == list(quick.host_batch)
+    admissions = host[host.prefill_tokens > 0]  # one row per (batch, prompt length): batch x prompt tokens
+    assert list(zip(admissions.batch_size, admissions.context_len)) == prof.host_admissions(quick)
+    assert (admissions.prefill_tokens == admissions.batch_size * admissions.context_len).all()
     assert (host.schedule_ms + host.update_ms <= host.median_ms * 1.5).all()
 
 
@@ -65,7 +71,11 @@ def test_calibrated_cost_model_reads_the_profile(quick_profile):
     # The host term is in the step time, as overhead.
     bare = CalibratedCostModel(cm.coefficients)
     assert cm.step_time(s).breakdown["overhead"] > bare.step_time(s).breakdown["overhead"]
-    assert "host_coefficients" in cm.describe()
+    assert "host_coefficients" in cm.describe() and set(cm.host_coefficients) == {"step", "seq", "prefill_token"}
+    # An engine over contiguous slots is priced by the law of the profile's contiguous rows.
+    slots = CalibratedCostModel.from_profile(quick_profile, model_cfg=TINY, padding=Padding.contiguous(256))
+    assert rep.layout == "paged" and slots.fit_report.layout == "contiguous" and slots.fit_report.rows == n_steps
+    assert slots.coefficients != cm.coefficients
     with pytest.raises(ConfigError) as e:  # measured on another model
         CalibratedCostModel.from_profile(quick_profile, model_cfg=get_preset("llama-3.1-8b"))
     assert "tiny" in str(e.value)
@@ -106,9 +116,11 @@ def test_profile_steps_are_engine_steps(shape):
 
 
 def test_host_cost_is_positive_and_split():
-    stats = prof.time_host(8, repeats=3, warmup=1, block_size=16)
+    stats = prof.time_host(prof._NullRunner(), 200, 8, repeats=3, warmup=1, block_size=16)
     assert stats["median_ms"] > 0 and stats["schedule_ms"] > 0 and stats["update_ms"] > 0
     assert stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    admit = prof.time_host_admission(prof._NullRunner(), 200, 8, 128, repeats=3, warmup=1, block_size=16)
+    assert admit["median_ms"] > stats["median_ms"]  # hashing 8 x 128 prompt tokens costs more than 8 decodes
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -3,7 +3,9 @@ sampling that does not depend on batch composition, and bad input named."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 
 from reference.batch import ScheduledChunk
 from reference.config import get_preset
@@ -244,3 +246,57 @@ def test_mixed_step_equals_its_parts(make):
     np.testing.assert_allclose(mixed[[1, 3]], dec, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mixed[[0, 2]], pre, rtol=1e-5, atol=1e-5)
     assert mixed_tokens == [pre_tokens[0], dec_tokens[0], pre_tokens[1], dec_tokens[1]]
+
+
+@given(decode_ctx=st.lists(st.integers(2, 60), max_size=9),
+       prefill=st.lists(st.tuples(st.integers(2, 40), st.integers(0, 20)), max_size=5))
+@settings(max_examples=40, deadline=None)
+def test_prepared_arrays_have_the_padded_sizes_the_cost_model_prices(decode_ctx, prefill):
+    """runner.prepare pads exactly as reference.buckets.Padding says, and the simulator's runner_padding
+    for the same engine is the runner's padding (so the calibrated model prices the arrays the runner builds)."""
+    from reference.bench import make_runner
+    from sim.costmodel import StepShape
+    from sim.engines import build_scheduler, plan_memory, runner_padding
+    from sim.experiment import load_experiment
+
+    if not decode_ctx and not prefill:
+        return
+    for engine in ('scheduler = "continuous"\nblock_size = 4\nnum_blocks = 400\nmax_model_len = 128',
+                   'scheduler = "sequential"\nnum_parallel = 16\nnum_ctx = 128'):
+        exp = load_experiment(f'model = "tiny"\n[workload]\nkind = "closed_loop"\nclients = [1]\nnum_requests = 1\n'
+                              '[workload.prompt_tokens]\ndist = "fixed"\nvalue = 8\n'
+                              '[workload.output_tokens]\ndist = "fixed"\nvalue = 8\n'
+                              f'[engines.e]\n{engine}\n')
+        e = exp.engines[0]
+        layout = build_scheduler(e, plan_memory(e, exp.model_config, None, 1, exp.dtype)).layout
+        runner = make_runner(exp, layout, PARAMS)
+        assert runner.padding == runner_padding(e, exp.model_config)
+        chunks, next_block = [], 1
+        parts = [(c - 1, 1, c - 1) for c in decode_ctx] + [(cached + n, 0, cached) for n, cached in prefill]
+        for i, (prompt_len, out_len, start) in enumerate(parts):
+            req = Request(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8))
+            req.output_token_ids = [7] * out_len
+            if runner.paged:
+                need = -(-req.num_tokens // layout.block_size)
+                table, next_block = list(range(next_block, next_block + need)), next_block + need
+                chunks.append(ScheduledChunk(req, start, req.num_tokens - start, block_table=table))
+            else:
+                chunks.append(ScheduledChunk(req, start, req.num_tokens - start, slot=i))
+        step = runner.prepare(chunks)
+        s = StepShape.from_chunks((c.num_tokens, c.end) for c in chunks)
+        pad = runner.padding.step(s.decode_seqs, s.decode_max_context, s.prefill_seqs, s.prefill_tokens,
+                                  s.prefill_max_context)
+        assert step.batch["tokens"].shape == (pad.tokens,)
+        assert step.batch["context_lens"].shape == (pad.rows,)
+        key = "tables" if runner.paged else "slots"
+        if pad.decode_rows:
+            assert step.batch["decode"][key].shape[0] == pad.decode_rows
+        if pad.prefill_rows:
+            assert step.batch["prefill"][key].shape[0] == pad.prefill_rows
+            assert pad.prefill_tiles == pad.prefill_rows + -(-pad.prefill_tokens // runner.query_tile)
+        if runner.paged:
+            for part, ctx in (("decode", pad.decode_context), ("prefill", pad.prefill_context)):
+                if part in step.batch:
+                    assert step.batch[part]["tables"].shape[1] * layout.block_size == ctx
+        else:
+            assert step.contexts == (pad.decode_context, pad.prefill_context)
