@@ -213,21 +213,25 @@ def _host_stats(steps) -> dict:
                 update_ms=1e3 * statistics.median(s.update_s for s in steps))
 
 
-def time_host(runner, num_blocks: int, batch_size: int, repeats: int, warmup: int, block_size: int,
+def time_host(runner, num_blocks: int | None, batch_size: int, repeats: int, warmup: int, block_size: int,
               context: int = HOST_CONTEXT, seed: int = 0) -> dict:
-    """The engine's host work per decode step with batch_size running requests (continuous scheduler).
+    """The engine's host work per decode step with batch_size running requests.
 
-    Engine.step around the real runner (num_blocks: its pool), timed as the engine records it:
-    schedule + update. Timed between real model steps on purpose: host code runs slower on the
-    caches a model step leaves behind than in a loop of its own.
+    Engine.step around the real runner, timed as the engine records it: schedule + update. Timed
+    between real model steps on purpose: host code runs slower on the caches a model step leaves
+    behind than in a loop of its own. num_blocks: the runner's paged pool, for a continuous
+    scheduler; None for contiguous slots, with a sequential (llama.cpp-style) scheduler.
     """
     from reference.engine import Engine
-    from reference.schedulers import ContinuousScheduler
+    from reference.schedulers import ContinuousScheduler, SequentialScheduler
 
     max_tokens = warmup + repeats + 2
     total = context + max_tokens
-    sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=batch_size,
-                                max_num_batched_tokens=max(batch_size * context, 2048), max_model_len=total)
+    if num_blocks is None:
+        sched = SequentialScheduler(batch_size, num_ctx=total, max_queue=0, n_batch=max(batch_size * context, 2048))
+    else:
+        sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=batch_size,
+                                    max_num_batched_tokens=max(batch_size * context, 2048), max_model_len=total)
     engine = Engine(sched, runner)
     rng = np.random.default_rng(seed)
     for i in range(batch_size):
@@ -367,7 +371,7 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
         contiguous = ModelRunner(cfg, runner.params, layout=kv_cache.ContiguousLayout(slots, slot_len), dtype=dtype)
 
     rows = []
-    bar = tqdm(total=len(shapes) * (1 + (contiguous is not None)) + len(grid.host_batch) + len(host_admissions(grid)),
+    bar = tqdm(total=len(shapes) * (1 + (contiguous is not None)) + 2 * len(grid.host_batch) + len(host_admissions(grid)),
                desc=f"profile {cfg.name}", unit="shape", disable=not progress)
     for layout, shape in [("paged", s) for s in shapes] + [("contiguous", s) for s in shapes if contiguous]:
         blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False) if layout == "paged" else None
@@ -384,13 +388,17 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
                          repeats=repeats, tokens_per_s=s.new_tokens / t, achieved_gbps=moved / t / 1e9,
                          achieved_tflops=physics.flops(s) / t / 1e12))
         bar.update()
-    # Host rows around a real runner whose pool holds the largest of them (a null runner when it cannot fit).
+    # Host rows around a real runner whose pool holds the largest of them (a null runner when it cannot fit):
+    # a continuous scheduler over paged blocks, and a sequential one over the contiguous slots.
     h_blocks = host_blocks(grid, block_size, repeats, warmup)
     host_runner = (ModelRunner(cfg, runner.params, layout=kv_cache.PagedLayout(h_blocks, block_size), dtype=dtype)
                    if h_blocks * kv_per_block <= budget else _NullRunner())
-    for b in sorted(set(grid.host_batch)):
-        stats = time_host(host_runner, h_blocks, b, repeats, warmup, block_size, seed=seed)
-        rows.append(dict(kind=HOST_KIND, layout="paged", batch_size=b, context_len=HOST_CONTEXT, prefill_tokens=0,
+    host_rows = [("paged", b, host_runner, h_blocks) for b in sorted(set(grid.host_batch))]
+    if contiguous is not None and slot_len >= HOST_CONTEXT + warmup + repeats + 2:
+        host_rows += [("contiguous", b, contiguous, None) for b in sorted(set(grid.host_batch)) if b <= slots]
+    for layout, b, host_on, pool in host_rows:
+        stats = time_host(host_on, pool, b, repeats, warmup, block_size, seed=seed)
+        rows.append(dict(kind=HOST_KIND, layout=layout, batch_size=b, context_len=HOST_CONTEXT, prefill_tokens=0,
                          cached_context=0, num_seqs=b, new_tokens=b, kv_read_tokens=0, **stats, repeats=repeats))
         bar.update()
     for b, p in host_admissions(grid):  # host rows with prefill_tokens > 0: admissions
@@ -411,7 +419,8 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
         "kv_pool_blocks": num_blocks, "padding": runner.padding.metadata(),
         "contiguous_slots": f"{slots} x {slot_len} tokens" if contiguous else "none (over the KV budget)",
         "host_rows": ("schedule + update around real steps" if not isinstance(host_runner, _NullRunner)
-                      else "schedule + update with a null runner (a real pool would exceed the KV budget)"),
+                      else "schedule + update with a null runner (a real pool would exceed the KV budget)")
+                     + "; paged: continuous scheduler, contiguous: sequential scheduler",
         "weight_bytes": runner.weight_bytes,
         "skipped": f"{len(skipped)} shapes over the KV budget ({budget} bytes, {budget_source})" if skipped else "none",
         "timing": "median_ms = runner.execute end to end (prepare + forward + sampling + token transfer); "
