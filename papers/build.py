@@ -458,11 +458,24 @@ def fidelity_section(path: Path) -> str:
            f"(predicted - measured) / measured.\n"]
     if (path / "error_summary.csv").exists():
         summary = pd.read_csv(path / "error_summary.csv")
-        out.append(_df_md(summary.rename(columns={"median_abs_pct": "median |err| %", "worst_abs_pct": "worst |err| %",
+        out.append(_df_md(summary.rename(columns={"median_abs_pct": "median abs err %", "worst_abs_pct": "worst abs err %",
                                                   "target_pct": "target %", "within_target": "cells within"})))
     table = errors.pivot_table(index="cell", columns="metric", values="error_pct", sort=False)
     out.append("\nSigned error (%) per cell and metric:\n")
     out.append(_df_md(table.reset_index()))
+    repeat = path.parent / (path.name + "_repeat")  # the same benches run a second time: the engine's own spread
+    if repeat.exists():
+        from sim.validate import compare, error_table
+        diffs = pd.concat([compare(d, path / d.name / "bench") for d in sorted(repeat.iterdir())
+                           if (d / "summary.json").exists() and (path / d.name / "bench" / "summary.json").exists()],
+                          ignore_index=True)
+        spread = error_table(diffs)[["metric", "median_abs_pct", "worst_abs_pct"]]
+        out.append(f"\nThe noise floor: the engine against itself, the same benches run twice on this machine "
+                   f"(`{repeat.relative_to(ROOT) if repeat.is_relative_to(ROOT) else repeat}` against the bench "
+                   f"above; `experiments/benchmarks/engine_repeatability.py`). A simulator cannot be judged "
+                   f"below these differences:\n")
+        out.append(_df_md(spread.rename(columns={"median_abs_pct": "median abs diff %",
+                                                 "worst_abs_pct": "worst abs diff %"})))
     if (path / "steps_check.csv").exists():
         checks = pd.read_csv(path / "steps_check.csv")
         cols = [c for c in ("cell", "experiment", "steps", "exec_err_pct", "host_err_pct", "step_err_pct")

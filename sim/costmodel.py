@@ -408,10 +408,12 @@ def _nonneg(value, field: str) -> float:
 
 #: Features of the calibrated law t = sum(c_i * feature_i), in this order. They are the sizes of the
 #: padded arrays the reference runner builds for the step (reference.buckets), because that is what
-#: it computes: every layer runs over `tokens` flat tokens, the LM head and sampler over `rows`
-#: rows, decode attention gathers decode_rows x decode_context K/V tokens and the ragged prefill
-#: attention prefill_tiles x prefill_context.
-FEATURES = ("step", "tokens", "rows", "decode_kv", "prefill_kv")
+#: it computes. A decode-only step and a step with a prefill part run two different compiled
+#: programs, so each has its own terms: decode-only steps cost decode_step + decode_rows per padded
+#: row + decode_kv per K/V token gathered (rows x padded context); steps with a prefill part cost
+#: step + tokens per flat token (every layer's matmuls) + rows per output row (LM head, sampling)
+#: + mixed_decode_kv for their decode part's gather + prefill_kv per K/V token the query tiles gather.
+FEATURES = ("decode_step", "decode_rows", "decode_kv", "step", "tokens", "rows", "mixed_decode_kv", "prefill_kv")
 PROFILE_COLUMNS = ("kind", "batch_size", "context_len", "prefill_tokens", "cached_context", "median_ms")
 PROFILE_KINDS = ("decode", "prefill", "mixed")
 PROFILE_LAYOUTS = ("paged", "contiguous")  # the optional `layout` column (default paged)
@@ -423,10 +425,13 @@ HOST_KIND = "host"
 HOST_FEATURES = ("step", "seq", "prefill_token")
 
 
-def features(s: StepShape, padding: Padding) -> tuple[float, float, float, float, float]:
+def features(s: StepShape, padding: Padding) -> tuple[float, ...]:
     """The calibrated law's features of a step, in FEATURES order, for a runner that pads with `padding`."""
     p = padding.step(s.decode_seqs, s.decode_max_context, s.prefill_seqs, s.prefill_tokens, s.prefill_max_context)
-    return (1.0, p.tokens, p.rows, p.decode_rows * p.decode_context, p.prefill_tiles * p.prefill_context)
+    decode_kv = p.decode_rows * p.decode_context
+    if not p.prefill_rows:
+        return (1.0, p.decode_rows, decode_kv, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return (0.0, 0.0, 0.0, 1.0, p.tokens, p.rows, decode_kv, p.prefill_tiles * p.prefill_context)
 
 
 def profile_padding(metadata: Mapping[str, str], model_cfg=None, layout: str = "paged") -> Padding:
@@ -519,12 +524,12 @@ class FitReport:
 
 
 class CalibratedCostModel(CostModel):
-    """t = c_step + c_tokens * tokens + c_rows * rows + c_decode_kv * decode_kv + c_prefill_kv * prefill_kv.
+    """t = sum of c_f * f over FEATURES: one linear law for decode-only steps, one for steps with a prefill part.
 
     The features (FEATURES) are the padded sizes of the step on the reference runner, computed
     with `padding`: the rules of the runner that was profiled, applied to the KV layout of the
     engine being simulated. Coefficients (s per unit) are non-negative, so predictions never
-    decrease with more work. The fixed term is reported as overhead, the token and row terms as
+    decrease with more work. The fixed terms are reported as overhead, the token and row terms as
     compute, the K/V gather terms as kv_reads. host_coefficients (s, s per sequence, s per prefill
     token; from the profile's 'host' rows) price the engine's host work per step
     (scheduler.schedule + update): h_step + h_seq * num_seqs + h_prefill_token * prefill_tokens,
@@ -575,11 +580,11 @@ class CalibratedCostModel(CostModel):
         df = df[df["kind"] != HOST_KIND]
         # Contiguous slots and paged blocks gather K/V differently: fit the rows of the simulated layout.
         layout = "contiguous" if padding is not None and padding.block_size is None else "paged"
-        if (df["layout"] == layout).any():
-            df = df[df["layout"] == layout]
-        else:  # an older profile, or one whose contiguous rows did not fit: the other layout's law
+        if not (df["layout"] == layout).any():  # an older profile, or contiguous rows that did not fit
             layout = str(df["layout"].iloc[0]) if len(df) else layout
-            df = df[df["layout"] == layout]
+        df = df[df["layout"] == layout]
+        if (host_rows["layout"] == layout).any():  # host rows of the same layout's scheduler
+            host_rows = host_rows[host_rows["layout"] == layout]
         if check_model and model_cfg is not None:
             measured = metadata.get("preset") or metadata.get("model")
             if measured and measured != model_cfg.name:
@@ -629,11 +634,11 @@ class CalibratedCostModel(CostModel):
     def step_time(self, batch: StepShape) -> StepCost:
         if batch.prefill_tokens + batch.decode_seqs == 0:
             return _zero_cost()
-        _, tokens, rows, decode_kv, prefill_kv = features(batch, self.padding)
-        c0, ct, cr, cdk, cpk = self._c
-        t_fixed = c0 + self.host_seconds(batch)
-        t_kv = cdk * decode_kv + cpk * prefill_kv
-        t_c = ct * tokens + cr * rows
+        f = features(batch, self.padding)
+        c = self._c
+        t_fixed = c[0] * f[0] + c[3] * f[3] + self.host_seconds(batch)
+        t_kv = c[2] * f[2] + c[6] * f[6] + c[7] * f[7]
+        t_c = c[1] * f[1] + c[4] * f[4] + c[5] * f[5]
         total = t_fixed + t_kv + t_c
         ph = self.physics
         return StepCost(

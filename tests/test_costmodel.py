@@ -246,7 +246,8 @@ def test_sim_does_not_import_jax():
 # ---------------------------------------------------------------------------- calibrated
 
 # A known law, in ms per unit of each feature.
-LAW_MS = {"step": 4.0, "tokens": 0.03, "rows": 0.012, "decode_kv": 2.5e-4, "prefill_kv": 4e-6}
+LAW_MS = {"decode_step": 4.0, "decode_rows": 0.012, "decode_kv": 2.5e-4, "step": 5.0, "tokens": 0.03, "rows": 0.02,
+          "mixed_decode_kv": 3e-4, "prefill_kv": 4e-6}
 PADDING = Padding.paged(16, 1 << 20)  # what from_profile assumes for a profile that records no padding
 
 
@@ -257,8 +258,8 @@ def synthetic_profile(noise=0.0, seed=0, law=LAW_MS):
         rows.append(("decode", b, ctx, 0, 0))
     for p, cached in itertools.product([16, 64, 256, 1024, 4096], [0, 512, 4096]):
         rows.append(("prefill", 1, 0, p, cached))
-    for b, p in itertools.product([4, 32], [64, 512]):
-        rows.append(("mixed", b, 1024, p, 256))
+    for b, p, ctx in itertools.product([4, 32], [64, 512], [256, 1024]):
+        rows.append(("mixed", b, ctx, p, 256))
     out = []
     for kind, b, ctx, p, cached in rows:
         f = features(shape_from_profile_row(kind, b, ctx, p, cached), PADDING)
@@ -305,7 +306,7 @@ def test_calibrated_reports_error_of_noisy_table():
 
 def test_calibrated_coefficients_never_negative():
     # A law whose attention term is zero plus noise would fit a negative coefficient without the constraint.
-    law = dict(LAW_MS, decode_kv=0.0, prefill_kv=0.0)
+    law = dict(LAW_MS, decode_kv=0.0, mixed_decode_kv=0.0, prefill_kv=0.0)
     cm = CalibratedCostModel.from_profile(synthetic_profile(noise=0.05, seed=3, law=law))
     assert all(c >= 0 for c in cm.coefficients.values())
     shapes = [StepShape.decode(b, 100) for b in range(1, 50)]
