@@ -11,8 +11,8 @@ noise floor under which no simulator can be judged on this machine.
 RUN_A and RUN_B hold one folder per experiment (the names must match), each with a bench's
 summary.json; or they are themselves bench folders.
 
-The committed pair: experiments/results/fidelity_cpu_repeat/ (benched from about 01:19 UTC on
-2026-11-22) against experiments/results/fidelity_cpu/*/bench (from about 01:47), same engine code.
+The committed pair: experiments/results/fidelity_cpu_repeat/ against experiments/results/fidelity_cpu/*/bench,
+the same engine code benched in separate runs 25-30 minutes apart on 2026-11-22.
 """
 from __future__ import annotations
 
