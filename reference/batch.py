@@ -55,13 +55,13 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        """Tokens computed in this step that are not single-token decodes."""
-        return sum(c.num_tokens for c in self.chunks if not c.is_decode)
+        """Tokens computed in chunks of more than one token (the runner's prefill part)."""
+        return sum(c.num_tokens for c in self.chunks if c.num_tokens > 1)
 
     @property
     def num_decode_seqs(self) -> int:
-        """Requests decoding one token in this step."""
-        return sum(1 for c in self.chunks if c.is_decode)
+        """One-token chunks (the runner's decode part: a decode, or the last token of a chunked prompt)."""
+        return sum(1 for c in self.chunks if c.num_tokens == 1)
 
     @property
     def is_empty(self) -> bool:

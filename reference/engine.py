@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from reference.request import Outcome, Request, SamplingParams
 from reference.schedulers.base import Scheduler
+from sim.costmodel import StepShape
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,10 @@ class Engine:
         finished = self.scheduler.update(out, tokens, t2)
         if self.record_steps:
             t3 = self.now()
-            decodes = [c.end for c in out.chunks if c.num_tokens == 1]  # the runner's decode part
-            prefills = [c for c in out.chunks if c.num_tokens > 1]
+            s = StepShape.from_scheduler_output(out)  # the shape the simulator's cost model prices
             self.steps.append(StepRecord(
-                t0, t1 - t0, t2 - t1, t3 - t2, sum(c.num_tokens for c in prefills), len(decodes),
-                len(out.chunks), sum(c.end for c in out.chunks), len(out.preempted),
-                sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in out.chunks),
-                max(decodes, default=0), max((c.end for c in prefills), default=0)))
+                t0, t1 - t0, t2 - t1, t3 - t2, s.prefill_tokens, s.decode_seqs, len(out.chunks), s.kv_read_tokens,
+                len(out.preempted), s.attn_q_ctx, s.decode_max_context, s.prefill_max_context))
         return finished
 
     def generate(self, prompts: Iterable[list[int]], sampling: SamplingParams | list[SamplingParams]
