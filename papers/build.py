@@ -15,20 +15,21 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+
+from sim.core.hardware import get_hardware
+from sim.core.roofline import DEFAULT_COMPUTE_EFFICIENCY, DEFAULT_MEM_EFFICIENCY
+from sim.lab.audit import bound_for, fmt_num, format_label, mean_lengths, model_label
+from sim.lab.claims import ClaimsReport, Results, run_claims
+from sim.lab.experiment import load_experiment
+from sim.lab.figures import subplots
+from sim.lab.metrics import load_results
+from sim.lab.teaching import make_all
+from sim.lab.validate import compare, error_table
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from sim.audit import bound_for, fmt_num, format_label, model_label  # noqa: E402
-from sim.claims import ClaimsReport, Results, load_report, run_claims  # noqa: E402
-from sim.experiment import ContinuousEngine, SequentialEngine, StaticEngine, load_experiment  # noqa: E402
 
 VERDICT_MARK = {"reproduced": "reproduced", "differs": "**differs**", "physically implausible": "**implausible**"}
 VERDICT_COLOUR = {"reproduced": "tab:green", "differs": "tab:orange", "physically implausible": "tab:red"}
@@ -118,9 +119,9 @@ def closed_loop_figure(report: ClaimsReport, path: Path) -> Path:
     if "p99_e2el_ms" in set(table.metric):
         metrics.append(("p99_e2el_ms", "p99 E2E latency (ms)", "log"))
     if len(metrics) == 4:
-        fig, axes = plt.subplots(2, 2, figsize=(10.5, 8.4), constrained_layout=True)
+        fig, axes = subplots(2, 2, figsize=(10.5, 8.4), constrained_layout=True)
     else:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 4.4), constrained_layout=True)
+        fig, axes = subplots(1, len(metrics), figsize=(5.0 * len(metrics), 4.4), constrained_layout=True)
     for ax, (metric, label, scale) in zip(np.ravel(axes), metrics):
         for e in exp.engines:
             loads = sorted(s["concurrency"] for s in res.rows(e.name))
@@ -137,7 +138,6 @@ def closed_loop_figure(report: ClaimsReport, path: Path) -> Path:
         ax.set_xticklabels([str(x) for x in exp.workload.loads])
         _style(ax, label, "concurrent clients", label)
     h, lab = np.ravel(axes)[0].get_legend_handles_labels()
-    from matplotlib.lines import Line2D
     h += [Line2D([], [], marker="D", ls="", mfc="white", mec="0.3", mew=2, label="published"),
           Line2D([], [], marker="X", ls="", mfc="white", mec="0.3", mew=2, label="published, above the roofline")]
     if (table.op != "~").any():
@@ -146,7 +146,6 @@ def closed_loop_figure(report: ClaimsReport, path: Path) -> Path:
     hw = report.exp.hardware.preset
     fig.suptitle(f"{exp.name}: {model_label(exp.model)} on {hw}; lines simulated, diamonds published", fontsize=11)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -155,7 +154,7 @@ def open_loop_figure(report: ClaimsReport, path: Path) -> Path:
     exp, table = report.exp, report.table
     res = Results(exp, report.out_dir)
     colours = _engine_colours(exp)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
+    fig, axes = subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
     ax = axes[0]
     for e in exp.engines:
         rates, lat = res.latency_curve(e.name)
@@ -189,7 +188,6 @@ def open_loop_figure(report: ClaimsReport, path: Path) -> Path:
     fig.suptitle(f"{exp.name}: {model_label(exp.model)} on {exp.hardware.preset}, ShareGPT-like lengths",
                  fontsize=11)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -200,7 +198,7 @@ def sweep_figure(report: ClaimsReport, sweep_id: str, path: Path) -> Path:
     n = len(ids)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), constrained_layout=True, squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), constrained_layout=True, squeeze=False)
     values = list(dict.fromkeys(g["value"]))
     numeric = all(isinstance(v, (int, float)) for v in values)
     xs = [float(v) for v in values] if numeric else list(range(len(values)))
@@ -232,12 +230,10 @@ def sweep_figure(report: ClaimsReport, sweep_id: str, path: Path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     h, lab = axes.flat[0].get_legend_handles_labels()
-    from matplotlib.lines import Line2D
     h += [Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in VERDICT_COLOUR.items()]
     fig.legend(handles=h, loc="outside lower center", ncol=len(h), fontsize=8, frameon=False)
     fig.suptitle(f"Sweep {sweep_id}: {g['title'].iloc[0]}", fontsize=11)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -254,7 +250,7 @@ def audit_figure(reports: list[ClaimsReport], path: Path) -> Path | None:
     if not rows:
         return None
     rows.sort(key=lambda x: x[3])
-    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.6), constrained_layout=True)
+    fig, ax = subplots(figsize=(9, 0.28 * len(rows) + 1.6), constrained_layout=True)
     y = np.arange(len(rows))
     colours = ["tab:red" if r[4] == "physically implausible" else "tab:blue" for r in rows]
     ax.barh(y, [r[3] for r in rows], color=colours, alpha=0.85)
@@ -271,7 +267,6 @@ def audit_figure(reports: list[ClaimsReport], path: Path) -> Path | None:
            "lower bound / latency)", "fraction of the physical limit (1 = at the limit)", "")
     ax.set_ylim(-1.5, len(rows) - 0.5)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -409,37 +404,14 @@ def counts_text(table: pd.DataFrame) -> str:
 
 def engine_line(exp, e) -> str:
     """How one engine of a config is modelled, from its table."""
-    w = format_label(e.weights)
-    kv = format_label(e.kv_dtype)
-    if isinstance(e, SequentialEngine):
-        return (f"`{e.name}`: llama.cpp slots behind Ollama's queue, num_parallel = {e.num_parallel}, num_ctx = "
-                f"{e.num_ctx} tokens per slot, queue of {e.max_queue}, {w} weights, {kv} KV")
-    if isinstance(e, ContinuousEngine):
-        if e.scheduler == "orca":
-            res = {"max_model_len": f"reserves max_model_len = {e.max_model_len} tokens per request (Orca (Max))",
-                   "request": "reserves prompt + output tokens per request (Orca (Oracle))"}[e.reservation]
-            return f"`{e.name}`: iteration-level batching that {res}, {w} weights, {kv} KV"
-        return (f"`{e.name}`: continuous batching over a paged pool (block {e.block_size}, max_num_seqs "
-                f"{e.max_num_seqs}, {e.max_num_batched_tokens}-token step budget, chunked prefill "
-                f"{'on' if e.enable_chunked_prefill else 'off'}, prefix caching "
-                f"{'on' if e.enable_prefix_caching else 'off'}, gpu_memory_utilization {e.gpu_memory_utilization}),"
-                f" {w} weights, {kv} KV")
-    if isinstance(e, StaticEngine):
-        return (f"`{e.name}`: static batches of up to {e.max_batch_size}, each request reserving "
-                f"{e.max_model_len if e.reserve_max_len else 'prompt + output'} tokens, {w} weights, {kv} KV")
-    return f"`{e.name}`"
+    w, kv = format_label(e.weights), format_label(e.kv_dtype)
+    return f"`{e.name}`: " + e.describe().replace(f"{e.weights} weights, {e.kv_dtype} KV", f"{w} weights, {kv} KV")
 
 
 def workload_line(exp) -> str:
     w = exp.workload
-    from sim.audit import mean_lengths
     p, o = mean_lengths(exp)
-    if w.kind == "closed_loop":
-        load = f"closed-loop clients {', '.join(map(str, w.clients))}"
-        if w.requests_per_client:
-            load += f", {w.requests_per_client} requests each"
-    else:
-        load = f"{w.kind} arrivals at {', '.join(_vtext(r) for r in w.rates)} req/s, {w.num_requests} requests per rate"
+    load = w.describe()
     t = f", client timeout {fmt_num(w.timeout_s)} s" if w.timeout_s else ""
     return f"{load}; mean {p:.0f} prompt and {o:.0f} output tokens{t}"
 
@@ -465,7 +437,6 @@ def fidelity_section(path: Path) -> str:
     out.append(_df_md(table.reset_index()))
     repeat = path.parent / (path.name + "_repeat")  # the same benches run a second time: the engine's own spread
     if repeat.exists():
-        from sim.validate import compare, error_table
         diffs = pd.concat([compare(d, path / d.name / "bench") for d in sorted(repeat.iterdir())
                            if (d / "summary.json").exists() and (path / d.name / "bench" / "summary.json").exists()],
                           ignore_index=True)
@@ -489,7 +460,6 @@ def fidelity_section(path: Path) -> str:
 
 
 def _load_summary(path: Path):
-    from sim.metrics import load_results
     return load_results(path)
 
 
@@ -506,8 +476,6 @@ def _df_md(df: pd.DataFrame) -> str:
 
 def write_paper(reports: list[ClaimsReport], figures: dict[str, list[Path]], paper: Path, fidelity: Path,
                 teaching: list[Path]) -> Path:
-    from sim.costmodel import DEFAULT_COMPUTE_EFFICIENCY, DEFAULT_MEM_EFFICIENCY
-    from sim.hardware import get_hardware
 
     f = Facts(reports)
     def rel(p) -> str:  # a link from the paper to p, for GitHub's renderer
@@ -769,7 +737,6 @@ def build(configs: list[Path], results_root: Path, figures_dir: Path, paper: Pat
         figs["audit"] = [a]
     teach = []
     if teaching:
-        from sim.teaching import make_all
         teach = make_all(figures_dir)
     out = write_paper(reports, figs, paper, fidelity, teach)
     print(f"paper: {out}")

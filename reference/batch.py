@@ -1,11 +1,22 @@
-"""What a scheduler decides for one engine step, and what the model runner executes.
+"""One engine step: what a scheduler decides, and the shape that the engine records and a cost model prices.
 
-Plain Python: the simulator prices the same object with a cost model instead of running it.
+Vocabulary, used the same way everywhere:
+- a *chunk* is tokens [start, start + num_tokens) of one request, computed in one step;
+- a *decode* is a chunk of one token: one new query on top of its cached context. The runner
+  sends it down the decode path and the cost model prices it as a decode, whether that token is
+  a freshly sampled output token or the last token of a chunked prompt;
+- every other chunk is *prefill* (a prompt chunk, or a recompute after preemption).
+
+Plain Python: the simulator prices the same objects with a cost model instead of running them.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable
 
+from reference.errors import ConfigError
 from reference.request import Request
 
 
@@ -13,16 +24,14 @@ from reference.request import Request
 class ScheduledChunk:
     """Tokens [start, start + num_tokens) of one request, computed in this step.
 
-    A chunk of several tokens is (part of) a prefill, or a recompute after preemption;
-    a chunk of one token at the end of the known tokens is a decode.
-    Exactly one of block_table (paged KV) and slot (contiguous KV) is set.
+    Exactly one of block_table (paged KV) and slot (slot KV) is set.
     """
 
     request: Request
     start: int  # first position computed (tokens before it are already in the KV cache)
     num_tokens: int
     block_table: list[int] | None = None  # paged: physical block per logical block
-    slot: int | None = None  # contiguous: the request's KV slot
+    slot: int | None = None  # slots: the request's KV slot
 
     @property
     def end(self) -> int:
@@ -36,8 +45,115 @@ class ScheduledChunk:
 
     @property
     def is_decode(self) -> bool:
-        """One new token on top of a cached context that already holds the whole prompt."""
-        return self.num_tokens == 1 and self.start >= self.request.num_prompt_tokens
+        """One token on top of the cached context (see the module docstring)."""
+        return self.num_tokens == 1
+
+    @property
+    def in_prompt(self) -> bool:
+        """True when the chunk computes prompt tokens (first pass or recompute), not only generated ones."""
+        return self.start < self.request.num_prompt_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """One engine step reduced to the aggregates its cost depends on.
+
+    A chunk of n new tokens whose context is c tokens after the step contributes n new tokens,
+    c K/V tokens read by attention, and n * (c - n) + n * (n + 1) / 2 causal (query, key) pairs.
+    """
+
+    prefill_tokens: int = 0  # new tokens in prefill chunks
+    decode_seqs: int = 0  # decodes (one-token chunks)
+    prefill_seqs: int = 0  # prefill chunks
+    kv_read_tokens: int = 0  # sum over chunks of the context length after the step
+    attn_q_ctx: int = 0  # sum over chunks of causal (query, key) pairs
+    decode_max_context: int = 0  # longest context (tokens after the step) among the decodes
+    prefill_max_context: int = 0  # longest context (tokens after the step) among the prefill chunks
+
+    def __post_init__(self):
+        if min(self.prefill_tokens, self.decode_seqs, self.prefill_seqs, self.kv_read_tokens, self.attn_q_ctx,
+               self.decode_max_context, self.prefill_max_context) < 0:
+            raise ConfigError("step_shape", f"all fields must be >= 0, got {self}")
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens computed this step (prefill + decode)."""
+        return self.prefill_tokens + self.decode_seqs
+
+    @property
+    def num_seqs(self) -> int:
+        """Chunks (sequences) in the batch."""
+        return self.prefill_seqs + self.decode_seqs
+
+    @property
+    def is_empty(self) -> bool:
+        """No tokens to compute."""
+        return self.prefill_tokens + self.decode_seqs == 0
+
+    @property
+    def kind(self) -> str:
+        """'decode', 'prefill' or 'mixed' (which parts the step has); 'idle' when empty."""
+        if self.is_empty:
+            return "idle"
+        if not self.prefill_seqs:
+            return "decode"
+        return "mixed" if self.decode_seqs else "prefill"
+
+    @staticmethod
+    def chunk_q_ctx(num_new: int, context_after: int) -> int:
+        """Causal (query, key) pairs of num_new queries ending at position context_after."""
+        return num_new * (context_after - num_new) + num_new * (num_new + 1) // 2
+
+    @classmethod
+    def decode(cls, batch: int, context: int) -> StepShape:
+        """batch sequences each decoding one token with context tokens after the step."""
+        _require_int(batch, "decode_seqs", 0)
+        _require_int(context, "context_len", 1 if batch else 0)
+        return cls(0, batch, 0, batch * context, batch * context, context if batch else 0)
+
+    @classmethod
+    def prefill(cls, tokens: int, cached: int = 0, seqs: int = 1) -> StepShape:
+        """seqs chunks of tokens new tokens each, on top of cached tokens already in the KV cache.
+
+        A chunk of one token is a decode (see the module docstring).
+        """
+        _require_int(tokens, "prefill_tokens", 0)
+        _require_int(cached, "cached_context", 0)
+        _require_int(seqs, "prefill_seqs", 0)
+        return cls.from_chunks([(tokens, cached + tokens)] * seqs if tokens else [])
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[tuple[int, int]]) -> StepShape:
+        """From (num_new_tokens, context_len_after_step) per chunk."""
+        p_tok = d_seq = p_seq = kv = qc = d_max = p_max = 0
+        for n, ctx in chunks:  # hot path (once per simulated step): plain ints, no properties
+            if n <= 0 or ctx < n:
+                raise ConfigError("chunk", f"need 0 < num_new_tokens <= context_len_after_step, got ({n}, {ctx})")
+            kv += ctx
+            if n == 1:
+                d_seq += 1
+                qc += ctx
+                if ctx > d_max:
+                    d_max = ctx
+            else:
+                p_tok += n
+                p_seq += 1
+                qc += n * (ctx - n) + n * (n + 1) // 2
+                if ctx > p_max:
+                    p_max = ctx
+        return cls(p_tok, d_seq, p_seq, kv, qc, d_max, p_max)
+
+    def __add__(self, other: StepShape) -> StepShape:
+        """Both batches in one step."""
+        return StepShape(self.prefill_tokens + other.prefill_tokens, self.decode_seqs + other.decode_seqs,
+                         self.prefill_seqs + other.prefill_seqs, self.kv_read_tokens + other.kv_read_tokens,
+                         self.attn_q_ctx + other.attn_q_ctx, max(self.decode_max_context, other.decode_max_context),
+                         max(self.prefill_max_context, other.prefill_max_context))
+
+
+def _require_int(value, field: str, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ConfigError(field, f"must be an integer >= {lo}, got {value!r}")
 
 
 @dataclass
@@ -48,20 +164,10 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write, before the step
 
-    @property
-    def num_batched_tokens(self) -> int:
-        """Tokens computed in this step (prefill + decode)."""
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        """Tokens computed in chunks of more than one token (the runner's prefill part)."""
-        return sum(c.num_tokens for c in self.chunks if c.num_tokens > 1)
-
-    @property
-    def num_decode_seqs(self) -> int:
-        """One-token chunks (the runner's decode part: a decode, or the last token of a chunked prompt)."""
-        return sum(1 for c in self.chunks if c.num_tokens == 1)
+    @cached_property
+    def shape(self) -> StepShape:
+        """The step's shape, computed once when first asked (after scheduling is done)."""
+        return StepShape.from_chunks((c.num_tokens, c.start + c.num_tokens) for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:

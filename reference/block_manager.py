@@ -19,38 +19,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 
-from reference.errors import ConfigError
+from reference.layout import NULL_BLOCK, KVUsage, PagedLayout
 
-NULL_BLOCK = 0
 _ROOT_HASH = 0
 
 SeqId = Hashable
 TokenSlice = Callable[[int, int], Sequence[int]]  # (start, stop) -> token ids in [start, stop)
-
-
-@dataclass(frozen=True)
-class KVUsage:
-    """A snapshot of KV memory: what is reserved for sequences versus what holds tokens.
-
-    waste_fraction = 1 - stored / reserved: slots allocated to sequences that hold no token
-    (the unfilled tail of each last block, or whole reservations for static slots).
-    """
-
-    capacity_tokens: int  # token slots in the pool (usable blocks x block size)
-    reserved_tokens: int  # token slots allocated to live sequences
-    stored_tokens: int  # tokens actually held for live sequences (shared blocks counted once)
-
-    @property
-    def usage_fraction(self) -> float:
-        """Reserved share of capacity (what vLLM reports as kv_cache_usage_perc / 100)."""
-        return self.reserved_tokens / self.capacity_tokens if self.capacity_tokens else 0.0
-
-    @property
-    def waste_fraction(self) -> float:
-        """Share of reserved slots that hold no token."""
-        return 1.0 - self.stored_tokens / self.reserved_tokens if self.reserved_tokens else 0.0
 
 
 class BlockManager:
@@ -58,11 +33,7 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         """num_blocks counts the null block, so num_blocks - 1 blocks are usable."""
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ConfigError("block_size", f"must be an integer >= 1, got {block_size!r}")
-        if not isinstance(num_blocks, int) or num_blocks < 2:
-            raise ConfigError("num_blocks", f"must be an integer >= 2 (block 0 is the reserved null block), "
-                                            f"got {num_blocks!r}")
+        self.layout = PagedLayout(num_blocks, block_size)  # validates both
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -70,7 +41,7 @@ class BlockManager:
         self.fill = [0] * num_blocks  # token positions of the block written (or being written this step)
         self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks  # its cache key
         self.cached: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent_hash, tokens) -> block
-        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(NULL_BLOCK + 1, num_blocks))
         self.tables: dict[SeqId, list[int]] = {}
         self.chain: dict[SeqId, list[int]] = {}  # hashes of each sequence's cached full blocks, in order
         self._reserved_blocks = 0  # blocks with refcount > 0
@@ -81,7 +52,7 @@ class BlockManager:
     @property
     def num_usable_blocks(self) -> int:
         """Blocks that can hold tokens (all but the null block)."""
-        return self.num_blocks - 1
+        return self.layout.num_usable_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -103,7 +74,7 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens positions."""
-        return -(-num_tokens // self.block_size)
+        return self.layout.blocks_for(num_tokens)
 
     def _key(self, parent_hash: int, tokens: Sequence[int]) -> tuple[int, tuple[int, ...]]:
         if len(tokens) != self.block_size:
@@ -136,13 +107,11 @@ class BlockManager:
         return num_new_blocks <= len(self.free_queue)
 
     def allocate_slots(self, seq_id: SeqId, num_computed: int, num_new: int,
-                       computed_blocks: Sequence[int] = (), reserve_tokens: int = 0
-                       ) -> list[tuple[int, int]] | None:
+                       computed_blocks: Sequence[int] = ()) -> list[tuple[int, int]] | None:
         """Make the sequence's table cover positions [0, num_computed + num_new) before a step writes them.
 
         computed_blocks: prefix-cache hits for a sequence seen for the first time (from
-        get_computed_blocks); num_computed then counts their tokens. reserve_tokens: hold blocks
-        for at least this many positions (Orca-style max-length reservation).
+        get_computed_blocks); num_computed then counts their tokens.
         Returns the (src, dst) block copies the step must do first (copy-on-write of a shared
         block about to be written), or None, changing nothing, when the pool is too small.
         """
@@ -153,7 +122,7 @@ class BlockManager:
             if len(computed_blocks) * bs > num_computed:
                 raise ValueError(f"{len(computed_blocks)} cached blocks cover more than num_computed={num_computed}")
             revived = sum(1 for b in computed_blocks if self.ref_count[b] == 0)
-            fresh = self.blocks_needed(max(end, reserve_tokens)) - len(computed_blocks)
+            fresh = self.blocks_needed(end) - len(computed_blocks)
             if revived + fresh > len(self.free_queue):
                 return None
             table = self.tables[seq_id] = []
@@ -169,7 +138,7 @@ class BlockManager:
         first_written = num_computed // bs
         shared = [i for i in range(first_written, min(len(table), self.blocks_needed(end)))
                   if self.ref_count[table[i]] > 1]
-        fresh = max(0, self.blocks_needed(max(end, reserve_tokens)) - len(table))
+        fresh = max(0, self.blocks_needed(end) - len(table))
         if fresh + len(shared) > len(self.free_queue):
             return None
         copies = []
@@ -184,6 +153,18 @@ class BlockManager:
         self._grow(table, fresh)
         self._set_fill(table, num_computed, end)
         return copies
+
+    def reserve(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Grow the sequence's table to hold num_tokens positions now, before they are computed.
+
+        Orca-style max-length reservation; the caller checks can_allocate first (ValueError if the
+        pool cannot hold it). The reserved blocks hold no tokens until steps write them.
+        """
+        table = self.tables[seq_id]
+        more = max(0, self.blocks_needed(num_tokens) - len(table))
+        if more > len(self.free_queue):
+            raise ValueError(f"cannot reserve {more} more blocks for {seq_id!r}: {len(self.free_queue)} free")
+        self._grow(table, more)
 
     def cache_full_blocks(self, seq_id: SeqId, num_computed: int, token_slice: TokenSlice) -> None:
         """Register the sequence's blocks that are now full of computed K/V in the prefix cache.

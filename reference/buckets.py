@@ -1,8 +1,9 @@
 """How the model runner pads a step's batch so that a serving loop compiles a handful of shapes.
 
 Plain Python, no JAX: ModelRunner sizes its device arrays with these rules, and the calibrated
-cost model (sim.costmodel) prices the very same padded sizes, because on this engine a step
-costs what its padded arrays cost, not what its real tokens would.
+cost model prices the very same padded sizes, because on this engine a step costs what its
+padded arrays cost, not what its real tokens would. The rules follow from the KV layout
+(Padding.for_layout): paged contexts are bucketed in blocks, slot contexts in tokens.
 
 A step's flat tokens are [decode part | prefill part]:
 - decode part: one row per decoding sequence, padded to `decode_rows` rows; each row reads a
@@ -17,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 from reference.errors import ConfigError
+from reference.layout import Layout, PagedLayout
 
 
 def bucket(n: int, minimum: int, cap: int | None = None) -> int:
@@ -49,11 +51,11 @@ class PaddedStep:
 
 @dataclass(frozen=True, slots=True)
 class Padding:
-    """The runner's bucket rules for one KV layout.
+    """The runner's bucket rules for one KV layout (build it with Padding.for_layout).
 
-    block_size: the paged layout's block size, or None for contiguous slots (whose context is
-    bucketed in tokens). context_cap: the most context tokens a row can read (paged: max blocks
-    per sequence x block size; contiguous: the slot length).
+    block_size: the paged layout's block size, or None for slots (whose context is bucketed in
+    tokens). context_cap: the most context tokens a row can read (paged: max blocks per
+    sequence x block size; slots: the slot length).
     """
 
     block_size: int | None
@@ -62,28 +64,24 @@ class Padding:
     min_seqs: int = 4
     min_blocks: int = 4
     query_tile: int = 32
-    min_context: int = 16  # contiguous layout: smallest context bucket (tokens)
+    min_context: int = 16  # slot layout: smallest context bucket (tokens)
 
     def __post_init__(self):
         for name in ("context_cap", "min_tokens", "min_seqs", "min_blocks", "query_tile", "min_context"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
-            raise ConfigError("block_size", f"must be an integer >= 1 or None (contiguous), got {self.block_size!r}")
 
     @classmethod
-    def paged(cls, block_size: int, max_position: int, num_blocks: int | None = None, **rules) -> Padding:
-        """Paged layout: a table holds at most ceil(max_position / block_size) blocks (and no more than the pool)."""
-        max_blocks = math.ceil(max_position / block_size)
-        if num_blocks is not None:
-            max_blocks = min(max_blocks, num_blocks - 1)
-        return cls(block_size, max_blocks * block_size, **rules)
+    def for_layout(cls, layout: Layout, max_position: int, **rules) -> Padding:
+        """The rules for a layout serving a model of max_position tokens.
 
-    @classmethod
-    def contiguous(cls, max_len: int, **rules) -> Padding:
-        """Contiguous slots of max_len tokens."""
-        return cls(None, max_len, **rules)
+        Paged: a table holds at most ceil(max_position / block_size) blocks, and no more than the pool.
+        """
+        if isinstance(layout, PagedLayout):
+            max_blocks = min(math.ceil(max_position / layout.block_size), layout.num_usable_blocks)
+            return cls(layout.block_size, max_blocks * layout.block_size, **rules)
+        return cls(None, layout.max_len, **rules)
 
     def context(self, longest: int) -> int:
         """Padded context (tokens) that every row of a part reads, given its longest sequence (tokens)."""

@@ -1,4 +1,6 @@
 """The one error type for bad input: it names the field and what is allowed."""
+from __future__ import annotations
+
 
 
 class ConfigError(ValueError):
@@ -9,14 +11,22 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, message: str, allowed: str | None = None):
         self.field = field
+        self.message = message
         self.allowed = allowed
         text = f"{field}: {message}"
         if allowed:
             text += f" (allowed: {allowed})"
         super().__init__(text)
 
+    def renamed(self, field: str) -> ConfigError:
+        """The same error reported under another field name (a CLI option, a full key path)."""
+        return ConfigError(field, self.message, self.allowed)
 
-def require(condition: bool, field: str, message: str, allowed: str | None = None) -> None:
-    """Raise ConfigError(field, message, allowed) unless condition holds."""
-    if not condition:
-        raise ConfigError(field, message, allowed)
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its field inside prefix (prefix.field, or prefix alone when it has none)."""
+        if not prefix:
+            return self
+        if not self.field:
+            return self.renamed(prefix)
+        return self.renamed(prefix + self.field if self.field.startswith("[") else f"{prefix}.{self.field}")
+

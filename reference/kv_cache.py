@@ -1,87 +1,30 @@
-"""The two KV-cache layouts as device arrays: contiguous per slot, and a paged block pool.
+"""The KV cache on the device: arrays for a layout (reference.layout), and how a step addresses them.
 
-Contiguous (llama.cpp / Ollama): each of `num_slots` requests owns a fixed region of
-`max_len` tokens, reserved whether it uses them or not. Per layer, K and V are
-[num_slots, max_len, K, D].
+Per layer, K and V are [rows, row_len, K, D]: paged, a pool [num_blocks, block_size, K, D];
+slots, [num_slots, max_len, K, D]. A token is written at a flat slot index into the layout seen
+as [rows * row_len, K, D] (paged: block * block_size + offset; slots: slot * max_len + position).
 
-Paged (vLLM): per layer, K and V are a pool [num_blocks, block_size, K, D]; a request's
-block table lists the physical block holding each of its logical blocks, so its tokens can
-sit anywhere in the pool. Block 0 is the reserved null block: it pads block tables and takes
-the writes of padding tokens, and is never given to a sequence.
-
-Both are addressed the same way when writing: a flat slot index into the layout seen as
-[rows * row_len, K, D] (paged: block * block_size + offset; contiguous: slot * max_len + position).
-So the contiguous layout is a paged layout with one block of max_len tokens per request.
+What differs between the layouts is only how a sequence's K/V are found: through its block
+table, or at its slot. PagedAccess and SlotAccess hold that difference, on the host (the arrays
+a step needs: block tables or slot ids, and the write positions) and on the device (which
+attention reads them), so the model runner has one code path for both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reference import paged_attention as pa
+from reference.batch import ScheduledChunk
 from reference.config import ModelConfig
-from reference.errors import ConfigError
+from reference.layout import NULL_BLOCK, Layout, PagedLayout, SlotLayout
 
-NULL_BLOCK = 0  # reserved: pads block tables, absorbs padding writes, never allocated
-
-
-@dataclass(frozen=True)
-class PagedLayout:
-    """A pool of num_blocks blocks of block_size tokens (block 0 reserved)."""
-
-    num_blocks: int
-    block_size: int = 16
-
-    def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ConfigError("block_size", f"must be a positive integer, got {self.block_size!r}",
-                              "an integer >= 1 (vLLM uses 16)")
-        if not isinstance(self.num_blocks, int) or self.num_blocks < 2:
-            raise ConfigError("num_blocks", f"must be an integer >= 2, got {self.num_blocks!r}",
-                              "an integer >= 2 (block 0 is the reserved null block)")
-
-    @property
-    def rows(self) -> int:
-        """Leading dimension of each cache array."""
-        return self.num_blocks
-
-    @property
-    def row_len(self) -> int:
-        """Tokens per row (block)."""
-        return self.block_size
-
-
-@dataclass(frozen=True)
-class ContiguousLayout:
-    """num_slots fixed regions of max_len tokens each."""
-
-    num_slots: int
-    max_len: int
-
-    def __post_init__(self):
-        if not isinstance(self.num_slots, int) or self.num_slots < 1:
-            raise ConfigError("num_slots", f"must be a positive integer, got {self.num_slots!r}",
-                              "an integer >= 1")
-        if not isinstance(self.max_len, int) or self.max_len < 1:
-            raise ConfigError("max_len", f"must be a positive integer, got {self.max_len!r}",
-                              "an integer >= 1")
-
-    @property
-    def rows(self) -> int:
-        """Leading dimension of each cache array."""
-        return self.num_slots
-
-    @property
-    def row_len(self) -> int:
-        """Tokens per row (slot)."""
-        return self.max_len
-
-
-Layout = PagedLayout | ContiguousLayout
+Array = jax.Array
 # A cache is a list over layers of (k, v), each [rows, row_len, K, D].
 KVCache = list[tuple[jax.Array, jax.Array]]
 
@@ -101,16 +44,6 @@ def allocate(cfg: ModelConfig, layout: Layout, dtype: Any = jnp.float32) -> KVCa
     """Zero-filled K and V arrays for every layer."""
     shape = cache_shape(cfg, layout)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
-
-
-def allocate_paged(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: Any = jnp.float32) -> KVCache:
-    """Paged pool: per layer K, V [num_blocks, block_size, K, D]."""
-    return allocate(cfg, PagedLayout(num_blocks, block_size), dtype)
-
-
-def allocate_contiguous(cfg: ModelConfig, num_slots: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
-    """Contiguous slots: per layer K, V [num_slots, max_len, K, D]."""
-    return allocate(cfg, ContiguousLayout(num_slots, max_len), dtype)
 
 
 def cache_bytes(cache: KVCache) -> int:
@@ -137,3 +70,83 @@ def copy_blocks(cache: KVCache, copies) -> KVCache:
     pairs = np.zeros((n, 2), np.int32)
     pairs[: len(copies)] = np.asarray(copies, np.int32)
     return _copy_blocks(cache, jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1]))
+
+
+# ----------------------------------------------------------------------------- addressing a step
+
+
+@dataclass(frozen=True)
+class PagedAccess:
+    """K/V found through block tables. Hashable: the jitted step takes it as a static argument."""
+
+    layout: PagedLayout
+
+    @property
+    def pad_slot(self) -> int:
+        """Where padding tokens write: the null block, which no sequence reads."""
+        return NULL_BLOCK * self.layout.block_size
+
+    def locate(self, chunks: Sequence[ScheduledChunk], rows: int, context: int) -> dict:
+        """Host arrays of a part: {"tables": [rows, context // block_size] int32}, padded with the null block."""
+        bs = self.layout.block_size
+        tables = np.full((rows, context // bs), NULL_BLOCK, np.int32)
+        for j, c in enumerate(chunks):
+            need = -(-c.end // bs)
+            tables[j, :need] = c.block_table[:need]
+        return {"tables": tables}
+
+    def write_slots(self, part: dict, j: int, chunk: ScheduledChunk) -> np.ndarray:
+        """Flat write positions [num_tokens] of the chunk, the j-th sequence of its part."""
+        pos = np.arange(chunk.start, chunk.end)
+        bs = self.layout.block_size
+        return part["tables"][j][pos // bs] * bs + pos % bs
+
+    def decode(self, q: Array, k: Array, v: Array, part: dict, context_lens: Array, context: int) -> Array:
+        """One query per row over its table: q [S, H, D] -> [S, H, D]."""
+        return pa.paged_decode_attention(q, k, v, part["tables"], context_lens)
+
+    def prefill(self, q: Array, k: Array, v: Array, part: dict, positions: Array, context_lens: Array,
+                context: int, tile: int) -> Array:
+        """Ragged queries over their tables: q [T, H, D] -> [T, H, D]."""
+        return pa.paged_prefill_attention(q, k, v, part["tables"], part["seq_ids"], positions, part["query_start"],
+                                          context_lens, tile)
+
+
+@dataclass(frozen=True)
+class SlotAccess:
+    """K/V found at each sequence's slot. Hashable: the jitted step takes it as a static argument."""
+
+    layout: SlotLayout
+
+    @property
+    def pad_slot(self) -> int:
+        """Where padding tokens write: one past the end, a write the scatter drops."""
+        return self.layout.num_slots * self.layout.max_len
+
+    def locate(self, chunks: Sequence[ScheduledChunk], rows: int, context: int) -> dict:
+        """Host arrays of a part: {"slots": [rows] int32} (padding rows read slot 0 and are masked)."""
+        slots = np.zeros(rows, np.int32)
+        slots[:len(chunks)] = [c.slot for c in chunks]
+        return {"slots": slots}
+
+    def write_slots(self, part: dict, j: int, chunk: ScheduledChunk) -> np.ndarray:
+        """Flat write positions [num_tokens] of the chunk."""
+        return chunk.slot * self.layout.max_len + np.arange(chunk.start, chunk.end)
+
+    def decode(self, q: Array, k: Array, v: Array, part: dict, context_lens: Array, context: int) -> Array:
+        """One query per row over the first `context` positions of its slot: q [S, H, D] -> [S, H, D]."""
+        return pa.contiguous_decode_attention(q, k, v, part["slots"], context_lens, context)
+
+    def prefill(self, q: Array, k: Array, v: Array, part: dict, positions: Array, context_lens: Array,
+                context: int, tile: int) -> Array:
+        """Ragged queries over their slots: q [T, H, D] -> [T, H, D]."""
+        return pa.contiguous_prefill_attention(q, k, v, part["slots"], part["seq_ids"], positions,
+                                               part["query_start"], context_lens, context, tile)
+
+
+Access = PagedAccess | SlotAccess
+
+
+def access_for(layout: Layout) -> Access:
+    """How a step addresses this layout's arrays."""
+    return PagedAccess(layout) if isinstance(layout, PagedLayout) else SlotAccess(layout)

@@ -1,17 +1,18 @@
 """ModelRunner: executes one scheduler step (a list of ScheduledChunk) on the device.
 
-    chunks -> padded arrays (host, numpy) -> ONE jitted step (write K/V, attend, sample) -> token ids
+    chunks -> padded arrays (host, numpy) -> ONE compiled step (write K/V, attend, sample) -> token ids
 
-One jitted step for every batch. Its flat tokens are [decodes: one token per decoding
-sequence, padded to a bucket of sequences] + [prefill chunks (on top of cached context) back to
-back, padded to a bucket of tokens]. The whole model runs over all of them together, so a mixed
-step reads the weights once; inside each layer's attention the decode part takes the decode
-path (one query per sequence) and only the prefill chunks take the ragged path, so decodes never
-pay for query tiles. Shapes are padded to power-of-two buckets (decode sequences; prefill tokens
-and sequences; blocks per table or context length of each part), so a serving loop compiles a
-handful of shapes, then no more; `num_compilations` counts them. The KV cache is donated to the
-step and updated in place. Sampled tokens and logits come back in the caller's chunk order.
-Only the sampled token ids come back to the host.
+The step's flat tokens are [decode part: one token per decoding sequence, padded to a bucket of
+rows] + [prefill part: the multi-token chunks back to back, padded to a bucket of tokens]. The
+whole model runs over all of them together, so a mixed step reads the weights once; inside each
+layer's attention the decode part takes the decode path (one query per sequence) and only the
+prefill chunks take the ragged path, so decodes never pay for query tiles. Shapes are padded to
+power-of-two buckets (reference.buckets), so a serving loop meets a handful of shapes.
+
+Each shape is compiled once, ahead of its first run (`compile`), and kept: a caller that must not
+stall on a compile (a server, a benchmark clock) can compile a step before it runs it. The KV
+cache is donated to the step and updated in place. Sampled tokens and logits come back in the
+caller's chunk order; only the sampled token ids come back to the host.
 """
 from __future__ import annotations
 
@@ -24,53 +25,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from reference import kv_cache as kvc
-from reference import paged_attention as pa
-from reference.batch import ScheduledChunk
-from reference.buckets import Padding
+from reference.batch import ScheduledChunk, SchedulerOutput
+from reference.buckets import Padding, PaddedStep
 from reference.config import ModelConfig, get_preset
 from reference.errors import ConfigError
+from reference.layout import Layout, PagedLayout, SlotLayout
 from reference.model import Params, forward_hidden, init_params, lm_head, param_bytes
+from reference.paged_attention import write_kv
 from reference.sampling import sample
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-_TRACES = [0]  # how many step shapes have been traced (= compiled) in this process
-
-
-def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, paged: bool,
-          contexts: tuple[int, int], tile: int) -> tuple:
+def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, access: kvc.Access,
+          decode_rows: int, contexts: tuple[int, int], tile: int) -> tuple:
     """The whole step on device. batch holds the padded arrays built by ModelRunner.prepare.
 
-    The flat tokens are [decode part: one token per decoding sequence, padded to Sd] +
-    [prefill part: the multi-token chunks back to back, padded to Tp]. Every layer runs over all
+    The flat tokens are [decode part: decode_rows rows] + [prefill part]. Every layer runs over all
     of them at once (the weights are read once per step); only attention is split: the decode
-    part takes the decode path (one query per sequence), the prefill part the ragged path.
-    Either part may be absent (then its key is missing from batch). contexts: the contiguous
-    layout's context bucket of each part (the paged layout reads it from the block tables).
+    part takes the decode path, the prefill part the ragged path. Either part may be absent (then
+    its key is missing from batch). contexts: each part's padded context (tokens).
     """
-    _TRACES[0] += 1  # runs once per trace, i.e. per compilation
     dec, pre = batch.get("decode"), batch.get("prefill")
-    Sd = batch["tokens"].shape[0] - (pre["seq_ids"].shape[0] if pre else 0)  # decode rows (= decode tokens)
+    Sd = decode_rows
     ctx = batch["context_lens"]  # [Sd + Sp]: decode sequences, then prefill sequences
 
     def attend(i, q, k, v, layer_cache):
-        kc, vc = pa.write_kv(*layer_cache, k, v, batch["slot_mapping"])  # write first: see this step's tokens
+        kc, vc = write_kv(*layer_cache, k, v, batch["slot_mapping"])  # write first: see this step's tokens
         out = []
         if dec is not None:
-            q_dec, ctx_dec = q[:Sd], ctx[:Sd]  # [Sd, H, D]
-            if paged:
-                out.append(pa.paged_decode_attention(q_dec, kc, vc, dec["tables"], ctx_dec))
-            else:
-                out.append(pa.contiguous_decode_attention(q_dec, kc, vc, dec["slots"], ctx_dec, contexts[0]))
+            out.append(access.decode(q[:Sd], kc, vc, dec, ctx[:Sd], contexts[0]))  # [Sd, H, D]
         if pre is not None:
-            q_pre, ctx_pre, pos_pre = q[Sd:], ctx[Sd:], batch["positions"][Sd:]  # [Tp, H, D]
-            if paged:
-                out.append(pa.paged_prefill_attention(q_pre, kc, vc, pre["tables"], pre["seq_ids"], pos_pre,
-                                                      pre["query_start"], ctx_pre, tile))
-            else:
-                out.append(pa.contiguous_prefill_attention(q_pre, kc, vc, pre["slots"], pre["seq_ids"], pos_pre,
-                                                           pre["query_start"], ctx_pre, contexts[1], tile))
+            out.append(access.prefill(q[Sd:], kc, vc, pre, batch["positions"][Sd:], ctx[Sd:], contexts[1], tile))
         return (out[0] if len(out) == 1 else jnp.concatenate(out)), (kc, vc)
 
     hidden, cache = forward_hidden(params, cfg, batch["tokens"], batch["positions"], attend, cache)
@@ -85,9 +71,11 @@ def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, 
     return tokens, logits, cache
 
 
-# One jitted step. It compiles once per (model, layout kind, bucket shapes, which parts are present),
-# shared by all runners.
-model_step = jax.jit(_step, static_argnames=("cfg", "paged", "contexts", "tile"), donate_argnums=1)
+_jitted_step = jax.jit(_step, static_argnames=("cfg", "access", "decode_rows", "contexts", "tile"), donate_argnums=1)
+
+# Compiled steps, shared by every runner in the process, as jax.jit's own cache would be; keyed by
+# everything a compiled executable depends on (model, dtype, layout, padded shapes, parts present).
+_COMPILED: dict[tuple, Any] = {}
 
 
 @dataclass
@@ -95,27 +83,32 @@ class PreparedStep:
     """A step's device inputs (from ModelRunner.prepare), ready for ModelRunner.run.
 
     rows[i]: the output row (of the decode-then-prefill order) of the i-th chunk as given.
+    key: what its compiled executable depends on besides the model and layout.
     """
 
-    decode: bool
     batch: dict
+    padded: PaddedStep
     contexts: tuple[int, int]
-    num_chunks: int
     samples: list[bool]
     copies: tuple
     rows: np.ndarray
 
+    @property
+    def key(self) -> tuple:
+        """The compiled shape: padded sizes, each part's context, which parts are present."""
+        return (self.padded, self.contexts, tuple(sorted(self.batch)))
+
 
 class ModelRunner:
-    """Runs the model for one scheduler step over a paged or contiguous KV cache.
+    """Runs the model for one scheduler step over a paged or slot KV cache.
 
     cfg: a ModelConfig or a preset name. params: weights, or None for init_params(cfg, seed).
-    layout: kv_cache.PagedLayout(num_blocks, block_size) or kv_cache.ContiguousLayout(num_slots, max_len).
+    layout: the scheduler's reference.layout.PagedLayout or SlotLayout.
     sampling_seed: seeds requests whose SamplingParams.seed is None (mixed with the request id).
     min_tokens / min_seqs / min_blocks: smallest buckets; query_tile: queries per prefill tile.
     """
 
-    def __init__(self, cfg: ModelConfig | str, params: Params | None = None, *, layout: kvc.Layout,
+    def __init__(self, cfg: ModelConfig | str, params: Params | None = None, *, layout: Layout,
                  seed: int = 0, dtype: Any = jnp.float32, sampling_seed: int = 0,
                  min_tokens: int = 16, min_seqs: int = 4, min_blocks: int = 4, query_tile: int = 32):
         self.cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
@@ -123,35 +116,23 @@ class ModelRunner:
         if name not in DTYPES:
             raise ConfigError("dtype", f"unsupported dtype {name!r}", ", ".join(DTYPES))
         self.dtype = DTYPES[name]
-        if not isinstance(layout, (kvc.PagedLayout, kvc.ContiguousLayout)):
+        if not isinstance(layout, (PagedLayout, SlotLayout)):
             raise ConfigError("layout", f"got {layout!r}", "PagedLayout(num_blocks, block_size) or "
-                              "ContiguousLayout(num_slots, max_len)")
+                              "SlotLayout(num_slots, max_len)")
         self.layout = layout
-        self.paged = isinstance(layout, kvc.PagedLayout)
+        self.access = kvc.access_for(layout)
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else params
         self.cache = kvc.allocate(self.cfg, layout, self.dtype)
         self.sampling_seed = sampling_seed
         self.query_tile = query_tile
-        rules = dict(min_tokens=min_tokens, min_seqs=min_seqs, min_blocks=min_blocks, query_tile=query_tile)
-        if self.paged:
-            self.padding = Padding.paged(layout.block_size, self.cfg.max_position, layout.num_blocks, **rules)
-            self.max_blocks_per_seq = self.padding.context_cap // layout.block_size
-        else:
-            self.padding = Padding.contiguous(layout.max_len, **rules)
-        self._compilations = 0
+        self.padding = Padding.for_layout(layout, self.cfg.max_position, min_tokens=min_tokens, min_seqs=min_seqs,
+                                          min_blocks=min_blocks, query_tile=query_tile)
+        self.num_compilations = 0  # step shapes this runner compiled (a shape another runner compiled is free)
+        self._params_signature = tuple((x.shape, x.dtype.name) for x in jax.tree_util.tree_leaves(self.params))
         self._last_logits = None
         self._last_rows = np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------ accounting
-
-    @property
-    def num_compilations(self) -> int:
-        """How many step shapes this runner has compiled so far (decode and mixed paths together).
-
-        Compiled steps are shared between runners of the same model and layout kind, so a
-        shape another runner already compiled does not count again.
-        """
-        return self._compilations
 
     @property
     def weight_bytes(self) -> int:
@@ -165,12 +146,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
 
-    def execute(self, chunks: Sequence[ScheduledChunk], block_copies=()) -> list[int]:
-        """Run one step; returns one sampled token per chunk whose `samples` is True, in chunk order.
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Run one scheduled step; returns one sampled token per chunk whose `samples` is True, in chunk order.
 
-        block_copies (src, dst) are done first (copy-on-write of shared blocks).
+        Its block copies (src, dst) are done first (copy-on-write of shared blocks).
         """
-        return self.run(self.prepare(chunks, block_copies))
+        return self.run(self.prepare(out.chunks, out.block_copies))
 
     def last_logits(self) -> np.ndarray:
         """Logits [num_chunks, V] (float32) of the last token of each chunk of the previous step, in chunk order."""
@@ -181,94 +162,98 @@ class ModelRunner:
     def prepare(self, chunks: Sequence[ScheduledChunk], block_copies=()) -> PreparedStep:
         """Host side of a step: validate the chunks and build the padded device arrays.
 
-        Flat token order: the decodes (chunks of one token; one row each, padded to a bucket of
-        Sd sequences), then the prefill chunks back to back (padded to a bucket of Tp tokens and
-        Sp sequences). Output rows follow the same order; PreparedStep.rows maps them back.
+        Flat token order: the decodes (one row each), then the prefill chunks back to back.
+        Output rows follow the same order; PreparedStep.rows maps them back to the chunks.
         """
         for c in chunks:
             self._check(c)
-        n = len(chunks)
-        dec_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
-        pre_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-        pad = self.padding.step(len(dec_idx), 0, len(pre_idx), sum(chunks[i].num_tokens for i in pre_idx), 0)
-        Sd, Sp, Tp = pad.decode_rows, pad.prefill_rows, pad.prefill_tokens
-        T, R = Sd + Tp, Sd + Sp  # flat tokens, output rows
-
-        tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
-        pad_slot = 0 if self.paged else self.layout.num_slots * self.layout.max_len  # null block / dropped
-        slot_mapping = np.full(T, pad_slot, np.int32)
-        context_lens = np.zeros(R, np.int32)
-        rows = np.zeros(n, np.int64)
+        if block_copies and isinstance(self.layout, SlotLayout):
+            raise ConfigError("block_copies", "given to a slot-layout runner", "only with PagedLayout")
+        decode = [i for i, c in enumerate(chunks) if c.is_decode]
+        prefill = [i for i, c in enumerate(chunks) if not c.is_decode]
+        pad = self.padding.step(len(decode), 0, len(prefill), sum(chunks[i].num_tokens for i in prefill), 0)
+        flat = _FlatArrays(pad.tokens, pad.rows, self.access.pad_slot)
+        rows = np.zeros(len(chunks), np.int64)
         batch: dict = {}
         contexts = [0, 0]
-        # Each part: (name, its chunks' indices, padded sequences S, its first output row, its first flat token).
-        for part, (name, idx, S, row0, t) in enumerate((("decode", dec_idx, Sd, 0, 0),
-                                                          ("prefill", pre_idx, Sp, Sd, Sd))):
-            if not idx:
-                continue
-            part_chunks = [chunks[i] for i in idx]
-            arrays, contexts[part] = self._locate(part_chunks, S)  # tables [S, MB] or slots [S]
-            seq_ids = np.zeros(Tp, np.int32)  # prefill part only: sequence of each token within the part
-            query_start = np.zeros(S + 1, np.int32)
-            for j, (i, c) in enumerate(zip(idx, part_chunks)):
-                pos = np.arange(c.start, c.end)
-                tokens[t: t + c.num_tokens] = c.request.token_ids(c.start, c.end)
-                positions[t: t + c.num_tokens] = pos
-                if self.paged:
-                    table, bs = arrays["tables"][j], self.layout.block_size
-                    slot_mapping[t: t + c.num_tokens] = table[pos // bs] * bs + pos % bs
-                else:
-                    slot_mapping[t: t + c.num_tokens] = c.slot * self.layout.max_len + pos
-                if name == "prefill":
-                    seq_ids[t - Sd: t - Sd + c.num_tokens] = j
-                query_start[j + 1] = query_start[j] + c.num_tokens
-                context_lens[row0 + j] = c.end
-                rows[i] = row0 + j
-                t += c.num_tokens
-            query_start[len(idx) + 1:] = query_start[len(idx)]
-            if name == "prefill":
-                arrays.update(seq_ids=seq_ids, query_start=query_start)
-            batch[name] = arrays
+        if decode:
+            batch["decode"], contexts[0] = self._prepare_decode([chunks[i] for i in decode], pad, flat)
+            rows[decode] = np.arange(len(decode))
+        if prefill:
+            batch["prefill"], contexts[1] = self._prepare_prefill([chunks[i] for i in prefill], pad, flat)
+            rows[prefill] = pad.decode_rows + np.arange(len(prefill))
+        batch.update(flat.arrays())
+        batch.update(self._sampling_arrays(chunks, rows, pad.rows))
+        return PreparedStep(jax.device_put(batch), pad, tuple(contexts), [c.samples for c in chunks],
+                            tuple(block_copies), rows)
 
-        temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
-        top_k, seeds = np.zeros(R, np.int32), np.zeros(R, np.uint32)
+    def _prepare_decode(self, chunks: list[ScheduledChunk], pad: PaddedStep, flat: _FlatArrays) -> tuple[dict, int]:
+        """The decode part: one token and one output row per sequence, rows 0 .. decode_rows - 1."""
+        context = self.padding.context(max(c.end for c in chunks))
+        part = self.access.locate(chunks, pad.decode_rows, context)
+        for j, c in enumerate(chunks):
+            flat.put(j, j, c, self.access.write_slots(part, j, c))
+        return part, context
+
+    def _prepare_prefill(self, chunks: list[ScheduledChunk], pad: PaddedStep, flat: _FlatArrays
+                         ) -> tuple[dict, int]:
+        """The prefill part: the chunks' tokens back to back after the decode rows, one output row each.
+
+        seq_ids [prefill_tokens] (the part's sequence of each token) and query_start [prefill_rows + 1]
+        (where each sequence's tokens start within the part) tell the ragged attention who is who.
+        """
+        context = self.padding.context(max(c.end for c in chunks))
+        part = self.access.locate(chunks, pad.prefill_rows, context)
+        seq_ids = np.zeros(pad.prefill_tokens, np.int32)
+        query_start = np.zeros(pad.prefill_rows + 1, np.int32)
+        t = 0
+        for j, c in enumerate(chunks):
+            flat.put(pad.decode_rows + t, pad.decode_rows + j, c, self.access.write_slots(part, j, c))
+            seq_ids[t: t + c.num_tokens] = j
+            t += c.num_tokens
+            query_start[j + 1] = t
+        query_start[len(chunks) + 1:] = t
+        part.update(seq_ids=seq_ids, query_start=query_start)
+        return part, context
+
+    def _sampling_arrays(self, chunks: Sequence[ScheduledChunk], rows: np.ndarray, num_rows: int) -> dict:
+        """Per output row: temperature, top_k, top_p and the seed of its request."""
+        temperature, top_p = np.zeros(num_rows, np.float32), np.ones(num_rows, np.float32)
+        top_k, seeds = np.zeros(num_rows, np.int32), np.zeros(num_rows, np.uint32)
         for c, r in zip(chunks, rows):
             sp = c.request.sampling
             temperature[r], top_k[r], top_p[r] = sp.temperature, sp.top_k, sp.top_p
             seeds[r] = self._seed(c)
+        return dict(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds)
 
-        batch.update(tokens=tokens, positions=positions, slot_mapping=slot_mapping, context_lens=context_lens,
-                     temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds)
-        return PreparedStep(not pre_idx, jax.device_put(batch), tuple(contexts), n,
-                            [c.samples for c in chunks], tuple(block_copies), rows)
+    def _static(self, step: PreparedStep) -> dict:
+        return dict(cfg=self.cfg, access=self.access, decode_rows=step.padded.decode_rows, contexts=step.contexts,
+                    tile=self.query_tile)
 
-    def _locate(self, chunks: Sequence[ScheduledChunk], S: int) -> tuple[dict, int]:
-        """Where S (padded) sequences' K/V live: block tables [S, MB] (paged) or slots [S], and the context bucket."""
-        context = self.padding.context(max(c.end for c in chunks))
-        if self.paged:
-            bs = self.layout.block_size
-            tables = np.zeros((S, context // bs), np.int32)  # padded with the null block
-            for j, c in enumerate(chunks):
-                need = -(-c.end // bs)
-                tables[j, :need] = c.block_table[:need]
-            return {"tables": tables}, context
-        slots = np.zeros(S, np.int32)
-        slots[:len(chunks)] = [c.slot for c in chunks]
-        return {"slots": slots}, context
+    def is_compiled(self, step: PreparedStep) -> bool:
+        """True when this step's shape is compiled already (running it will not stall on a compile)."""
+        return self._compile_key(step) in _COMPILED
+
+    def compile(self, step: PreparedStep) -> bool:
+        """Compile the step's shape unless it is compiled already; True if this call compiled it."""
+        key = self._compile_key(step)
+        if key in _COMPILED:
+            return False
+        _COMPILED[key] = _jitted_step.lower(self.params, self.cache, step.batch, **self._static(step)).compile()
+        self.num_compilations += 1
+        return True
+
+    def _compile_key(self, step: PreparedStep) -> tuple:
+        return (self.cfg, self._params_signature, jnp.dtype(self.dtype).name, self.layout, self.query_tile, step.key)
 
     def run(self, step: PreparedStep) -> list[int]:
-        """Device side of a step: block copies, then the jitted forward + sampling; token ids to host."""
+        """Device side of a step: block copies, then the compiled forward + sampling; token ids to host."""
         if step.copies:
-            if not self.paged:
-                raise ConfigError("block_copies", "given to a contiguous-cache runner", "only with PagedLayout")
             self.cache = kvc.copy_blocks(self.cache, step.copies)
-        if step.num_chunks == 0:
+        if not step.samples:
             return []
-        traces = _TRACES[0]
-        tokens, self._last_logits, self.cache = model_step(self.params, self.cache, step.batch, cfg=self.cfg,
-                                                           paged=self.paged, contexts=step.contexts,
-                                                           tile=self.query_tile)
-        self._compilations += _TRACES[0] - traces
+        self.compile(step)
+        tokens, self._last_logits, self.cache = _COMPILED[self._compile_key(step)](self.params, self.cache, step.batch)
         self._last_rows = step.rows
         host = np.asarray(tokens)[step.rows]  # the only device -> host transfer: [Sd + Sp] int32
         return [int(tok) for tok, s in zip(host, step.samples) if s]
@@ -291,13 +276,14 @@ class ModelRunner:
         if c.end > self.cfg.max_position:
             raise ConfigError("max_position", f"request {rid} needs {c.end} positions, the model has "
                               f"{self.cfg.max_position}", f"at most {self.cfg.max_position} tokens per request")
-        if self.paged:
+        if isinstance(self.layout, PagedLayout):
             table, bs, nb = c.block_table, self.layout.block_size, self.layout.num_blocks
+            max_blocks = self.padding.context_cap // bs
             if table is None:
                 raise ConfigError("block_table", f"request {rid} has none", "a list of block ids (paged layout)")
-            if len(table) > self.max_blocks_per_seq:
+            if len(table) > max_blocks:
                 raise ConfigError("block_table", f"request {rid} has {len(table)} blocks",
-                                  f"at most {self.max_blocks_per_seq} blocks per request")
+                                  f"at most {max_blocks} blocks per request")
             need = -(-c.end // bs)
             if len(table) < need:
                 raise ConfigError("block_table", f"request {rid} has {len(table)} blocks, needs {need} "
@@ -311,3 +297,26 @@ class ModelRunner:
             if c.end > self.layout.max_len:
                 raise ConfigError("max_len", f"request {rid} needs {c.end} tokens, a slot holds "
                                   f"{self.layout.max_len}", f"at most {self.layout.max_len} tokens per request")
+
+
+class _FlatArrays:
+    """The step's per-token arrays (tokens, positions, write slots) and per-row context lengths, host side."""
+
+    def __init__(self, num_tokens: int, num_rows: int, pad_slot: int):
+        self.tokens = np.zeros(num_tokens, np.int32)
+        self.positions = np.zeros(num_tokens, np.int32)
+        self.slot_mapping = np.full(num_tokens, pad_slot, np.int32)  # padding tokens write where nobody reads
+        self.context_lens = np.zeros(num_rows, np.int32)
+
+    def put(self, t: int, row: int, c: ScheduledChunk, slots: np.ndarray) -> None:
+        """The chunk's tokens at flat positions [t, t + num_tokens), its output row at row."""
+        n = c.num_tokens
+        self.tokens[t: t + n] = c.request.token_ids(c.start, c.end)
+        self.positions[t: t + n] = np.arange(c.start, c.end)
+        self.slot_mapping[t: t + n] = slots
+        self.context_lens[row] = c.end
+
+    def arrays(self) -> dict:
+        """The arrays under the names the jitted step reads."""
+        return dict(tokens=self.tokens, positions=self.positions, slot_mapping=self.slot_mapping,
+                    context_lens=self.context_lens)

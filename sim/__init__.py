@@ -1,4 +1,1 @@
-"""servesim simulator: SimPy replicas that run the reference engine's schedulers against a cost model.
-
-Nothing under sim/ imports JAX.
-"""
+"""servesim's simulator (sim.core) and the lab built on it and on the engine (sim.lab)."""

@@ -2,7 +2,7 @@
 on the whole context, so a scheduler that loses or reorders context changes the outputs."""
 from reference.batch import SchedulerOutput
 from reference.request import Request, SamplingParams
-from reference.schedulers import PagedLayout
+from reference.layout import PagedLayout
 
 
 def context_token(tokens: list[int], vocab: int = 97) -> int:

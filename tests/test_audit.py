@@ -7,10 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from reference.config import get_preset
-from sim.audit import Physics, audit_experiment, bound_for, fmt_num, format_audit, mean_lengths, model_label
-from sim.cli import main
-from sim.experiment import load_experiment
-from sim.hardware import get_hardware
+from sim.lab.claims import parse_claims
+from sim.lab.audit import Physics, audit_experiment, bound_for, fmt_num, format_audit, mean_lengths, model_label
+from sim.lab.cli import main
+from sim.lab.experiment import load_experiment
+from sim.core.hardware import get_hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAIMS_A = ROOT / "experiments" / "claims_a_h100_llama8b.toml"
@@ -84,7 +85,7 @@ def test_bound_for_figures_of_claims_a():
 
 def test_audit_of_claims_a_flags_exactly_the_510():
     exp = load_experiment(CLAIMS_A)
-    rows = audit_experiment(exp)
+    rows = audit_experiment(exp, parse_claims(exp).figures)
     bad = [r.id for r in rows if r.implausible]
     assert bad == ["A.2"]
     text = format_audit(exp, rows)

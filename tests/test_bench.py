@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import reference.bench as bench
-from sim.cli import main
+import sim.lab.bench as bench
+from sim.lab.cli import main
 
 CONFIG = """
 name = "tiny_bench"
@@ -61,9 +61,9 @@ def cells_run(monkeypatch):
     ran = []
     real = bench.bench_cell
 
-    def counting(exp, cell, on_finish, params=None):
+    def counting(exp, cell, on_finish, params=None, cost=None):
         ran.append(cell.label)
-        return real(exp, cell, on_finish, params)
+        return real(exp, cell, on_finish, params, cost)
 
     monkeypatch.setattr(bench, "bench_cell", counting)
     return ran
@@ -114,9 +114,9 @@ def test_interrupted_cell_is_dropped_and_redone(tmp_path, monkeypatch):
     out = tmp_path / "out"
     real = bench.bench_cell
 
-    def cut_off(exp, cell, on_finish, params=None):
+    def cut_off(exp, cell, on_finish, params=None, cost=None):
         if cell.engine != "cont":
-            return real(exp, cell, on_finish, params)
+            return real(exp, cell, on_finish, params, cost)
         seen = []
 
         def finish_then_fail(req, client):
@@ -126,7 +126,7 @@ def test_interrupted_cell_is_dropped_and_redone(tmp_path, monkeypatch):
             if len(seen) == 2:
                 raise RuntimeError("power cut")  # ... and the run dies mid-cell
 
-        return real(exp, cell, finish_then_fail, params)
+        return real(exp, cell, finish_then_fail, params, cost)
 
     monkeypatch.setattr(bench, "bench_cell", cut_off)
     crashed = CliRunner().invoke(main, ["bench", str(cfg), "--out", str(out)])

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from reference.errors import ConfigError
-from sim.audit import Bound
-from sim.claims import (Results, format_sweeps, format_table, parse_claims, ratio, run_claims, verdict)
-from sim.experiment import load_experiment
+from sim.lab.audit import Bound
+from sim.lab.claims import (Results, format_sweeps, format_table, parse_claims, ratio, run_claims, verdict)
+from sim.lab.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

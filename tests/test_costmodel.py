@@ -5,7 +5,6 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -14,15 +13,17 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.batch import ScheduledChunk, SchedulerOutput
+from reference.batch import ScheduledChunk, SchedulerOutput, StepShape
+from reference.buckets import Padding
 from reference.config import get_preset
 from reference.errors import ConfigError
+from reference.layout import PagedLayout
 from reference.request import Request, SamplingParams
-from sim.cli_physics import steptime_command
-from reference.buckets import Padding
-from sim.costmodel import (FEATURES, CalibratedCostModel, RooflineCostModel, StepShape, features, make_cost_model,
-                           nnls, shape_from_profile_row)
-from sim.hardware import get_hardware
+from sim.core.calibrated import FEATURES, CalibratedCostModel, features, nnls, shape_from_profile_row
+from sim.core.hardware import get_hardware
+from sim.core.roofline import RooflineCostModel
+from sim.lab.commands.steptime import command as steptime_command
+from sim.lab.experiment import load_experiment
 
 LLAMA8 = get_preset("llama-3.1-8b")
 LLAMA70 = get_preset("llama-3.1-70b")
@@ -68,15 +69,24 @@ def test_from_scheduler_output():
         ScheduledChunk(prefill_chunk, start=256, num_tokens=44, slot=1),
         ScheduledChunk(decode, start=59, num_tokens=1, slot=2),
     ])
-    s = StepShape.from_scheduler_output(out)
+    s = out.shape
     assert s == StepShape.from_chunks([(100, 100), (44, 300), (1, 60)])
-    assert s.prefill_tokens == out.num_prefill_tokens == 144
-    assert s.decode_seqs == out.num_decode_seqs == 1
-    assert s.prefill_seqs == 2
+    assert s.prefill_tokens == 144 and s.decode_seqs == 1 and s.prefill_seqs == 2 and s.kind == "mixed"
     assert s.kv_read_tokens == 100 + 300 + 60
-    assert StepShape.from_scheduler_output(SchedulerOutput()).is_empty
+    assert SchedulerOutput().shape.is_empty and SchedulerOutput().shape.kind == "idle"
     cm = RooflineCostModel(LLAMA8, "h100-sxm")
-    assert cm(out) == cm.scheduler_step_seconds(out) == cm.step_time(s).total_s > 0
+    assert cm.step_seconds(out.shape) == cm.step_time(s).total_s > 0
+
+
+def test_a_one_token_chunk_is_a_decode_wherever_it_comes_from():
+    """The last token of a chunked prompt is computed like a decode, and priced like one."""
+    last_prompt_token = ScheduledChunk(make_request(40), start=39, num_tokens=1, slot=0)
+    output_token = ScheduledChunk(make_request(39, out_len=1), start=39, num_tokens=1, slot=1)
+    assert last_prompt_token.is_decode and output_token.is_decode
+    assert last_prompt_token.in_prompt and not output_token.in_prompt
+    out = SchedulerOutput(chunks=[last_prompt_token, output_token])
+    assert out.shape == StepShape.decode(2, 40) and out.shape.kind == "decode"
+    assert StepShape.prefill(1, cached=39) == StepShape.decode(1, 40)
 
 
 def test_shape_constructors():
@@ -228,18 +238,9 @@ def test_roofline_bad_input_names_field():
     assert e.value.field == "weight_format"
 
 
-def test_step_time_is_fast():
-    s = StepShape.decode(64, 2000) + StepShape.prefill(256, 1000)
-    n = 20000
-    start = time.perf_counter()
-    for _ in range(n):
-        MODEL_TP.step_time(s)
-    per_call = (time.perf_counter() - start) / n
-    assert per_call < 50e-6  # about 1 us on a laptop; generous for a loaded CI box
-
-
 def test_sim_does_not_import_jax():
-    code = "import sys, sim.costmodel, sim.cli_physics, sim.hardware, sim.formats; assert 'jax' not in sys.modules"
+    code = ("import sys, sim.core.costmodel, sim.core.roofline, sim.core.calibrated, sim.core.replica, "
+            "sim.core.memory, sim.lab.commands.steptime; assert 'jax' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -248,7 +249,7 @@ def test_sim_does_not_import_jax():
 # A known law, in ms per unit of each feature.
 LAW_MS = {"decode_step": 4.0, "decode_rows": 0.012, "decode_kv": 2.5e-4, "step": 5.0, "tokens": 0.03, "rows": 0.02,
           "mixed_decode_kv": 3e-4, "prefill_kv": 4e-6}
-PADDING = Padding.paged(16, 1 << 20)  # what from_profile assumes for a profile that records no padding
+PADDING = Padding.for_layout(PagedLayout((1 << 16) + 1, 16), 1 << 20)  # what from_profile assumes with no metadata
 
 
 def synthetic_profile(noise=0.0, seed=0, law=LAW_MS):
@@ -353,51 +354,79 @@ def test_profile_errors_name_the_problem(tmp_path):
     assert "tiny" in str(e.value)
 
 
-# ---------------------------------------------------------------------------- make_cost_model
+# ---------------------------------------------------------------------------- [cost_model] tables
+
+EXP = """
+model = "llama-3.1-8b"
+[workload]
+kind = "closed_loop"
+clients = 1
+requests_per_client = 1
+[workload.prompt_tokens]
+dist = "fixed"
+value = 10
+[workload.output_tokens]
+dist = "fixed"
+value = 10
+[engines.vllm]
+scheduler = "continuous"
+max_model_len = 1024
+weights = "fp8"
+kv_dtype = "fp8"
+"""
 
 
-def test_make_cost_model_roofline():
-    cm = make_cost_model({"kind": "roofline", "hardware": "a100-80gb", "weight_format": "awq-int4", "tp": 2,
-                          "mem_efficiency": 0.9, "step_overhead_s": 0.001}, LLAMA8)
+def cost_model(section: str, model: str = "llama-3.1-8b", base=None):
+    """The engine's cost model of EXP with this [cost_model] table."""
+    text = EXP.replace("llama-3.1-8b", model) + "[cost_model]\n" + section
+    if base is None:
+        exp = load_experiment(text)
+    else:
+        (base / "exp.toml").write_text(text)
+        exp = load_experiment(base / "exp.toml")
+    return exp.cost_model_for(exp.engines[0])
+
+
+def test_cost_model_table_roofline():
+    cm = cost_model('kind = "roofline"\nhardware = "a100-80gb"\nweight_format = "awq-int4"\ntp = 2\n'
+                    'mem_efficiency = 0.9\nstep_overhead_s = 0.001\n')
     assert isinstance(cm, RooflineCostModel)
     d = cm.describe()
     assert d["hardware"] == "a100-80gb" and d["tp"] == 2 and d["mem_efficiency"] == 0.9
     assert d["compute_dtype"] == "fp16"
-    # kwargs are defaults the section overrides
-    cm = make_cost_model({"hardware": "h100-sxm"}, LLAMA8, weight_format="fp8", kv_dtype="fp8")
+    # the engine's weights and KV dtype are defaults the table overrides
+    cm = cost_model('hardware = "h100-sxm"\n')
     assert cm.describe()["weight_format"] == "fp8" and cm.describe()["kv_dtype"] == "fp8"
 
 
-def test_make_cost_model_calibrated(tmp_path):
+def test_cost_model_table_calibrated(tmp_path):
     write_profile(tmp_path / "prof.csv", synthetic_profile())
-    cm = make_cost_model({"kind": "calibrated", "profile": "prof.csv"}, LLAMA8, base_dir=tmp_path)
+    cm = cost_model('kind = "calibrated"\nprofile = "prof.csv"\n', base=tmp_path)
     assert isinstance(cm, CalibratedCostModel)
     assert cm.describe()["kind"] == "calibrated"
-    tiny = get_preset("tiny")
     with pytest.raises(ConfigError) as e:
-        make_cost_model({"kind": "calibrated", "profile": "prof.csv"}, tiny, base_dir=tmp_path)
+        cost_model('kind = "calibrated"\nprofile = "prof.csv"\n', "tiny", base=tmp_path)
     assert e.value.field == "cost_model.profile"
-    cm = make_cost_model({"kind": "calibrated", "profile": str(tmp_path / "prof.csv"),
-                          "allow_model_mismatch": True}, tiny)
+    cm = cost_model(f'kind = "calibrated"\nprofile = "{tmp_path / "prof.csv"}"\nallow_model_mismatch = true\n', "tiny")
     assert cm.step_time(StepShape.decode(1, 10)).total_s > 0
 
 
 @pytest.mark.parametrize("section, field", [
-    ({"kind": "magic"}, "cost_model.kind"),
-    ({"kind": "roofline", "hardware": "h100-sxm", "bandwidth": 3}, "cost_model.bandwidth"),
-    ({"kind": "roofline"}, "cost_model.hardware"),
-    ({"kind": "roofline", "hardware": "tpu-v5"}, "cost_model.hardware"),
-    ({"kind": "roofline", "hardware": "h100-sxm", "mem_efficiency": 0}, "cost_model.mem_efficiency"),
-    ({"kind": "roofline", "hardware": "h100-sxm", "tp": 0}, "cost_model.tp"),
-    ({"kind": "roofline", "hardware": "h100-sxm", "weight_format": "int3"}, "cost_model.weight_format"),
-    ({"kind": "roofline", "hardware": "h100-sxm", "kv_dtype": "int3"}, "cost_model.kv_dtype"),
-    ({"kind": "calibrated"}, "cost_model.profile"),
-    ({"kind": "calibrated", "profile": "x.csv", "hardware_name": "h100"}, "cost_model.hardware_name"),
-    ({"kind": "calibrated", "profile": "does-not-exist.csv"}, "cost_model.profile"),
+    ('kind = "magic"', "cost_model.kind"),
+    ('kind = "roofline"\nhardware = "h100-sxm"\nbandwidth = 3', "cost_model.bandwidth"),
+    ('kind = "roofline"', "hardware.preset"),
+    ('kind = "roofline"\nhardware = "tpu-v5"', "cost_model.hardware"),
+    ('kind = "roofline"\nhardware = "h100-sxm"\nmem_efficiency = 0', "cost_model.mem_efficiency"),
+    ('kind = "roofline"\nhardware = "h100-sxm"\ntp = 0', "cost_model.tp"),
+    ('kind = "roofline"\nhardware = "h100-sxm"\nweight_format = "int3"', "cost_model.weight_format"),
+    ('kind = "roofline"\nhardware = "h100-sxm"\nkv_dtype = "int3"', "cost_model.kv_dtype"),
+    ('kind = "calibrated"', "cost_model.profile"),
+    ('kind = "calibrated"\nprofile = "x.csv"\nhardware_name = "h100"', "cost_model.hardware_name"),
+    ('kind = "calibrated"\nprofile = "does-not-exist.csv"', "cost_model.profile"),
 ])
-def test_make_cost_model_errors_name_the_key(section, field):
+def test_cost_model_table_errors_name_the_key(section, field):
     with pytest.raises(ConfigError) as e:
-        make_cost_model(section, LLAMA8)
+        cost_model(section + "\n")
     assert e.value.field == field
 
 

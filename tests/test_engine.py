@@ -8,7 +8,6 @@ same compiled steps).
 from __future__ import annotations
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +15,14 @@ import numpy as np
 import pytest
 import simpy
 
-import reference.engine as engine_module
-from reference import kv_cache
 from reference.config import get_preset
-from reference.engine import ArrivalSource, Engine
+from reference.engine import ArrivalSource, Engine, ManualClock
+from reference.layout import PagedLayout, SlotLayout
 from reference.model import forward_dense, init_params
 from reference.request import Outcome, Request, SamplingParams, Status
 from reference.runner import ModelRunner
-from reference.schedulers import (ContinuousScheduler, PagedLayout, SequentialScheduler, StaticScheduler)
-from sim.replica import Replica
+from reference.schedulers import ContinuousScheduler, OrcaScheduler, SequentialScheduler, StaticScheduler
+from sim.core.replica import Replica
 
 CFG = get_preset("tiny")
 PARAMS = init_params(CFG, seed=11)
@@ -62,8 +60,8 @@ def expected(i: int, n: int = GREEDY.max_tokens) -> list[int]:
 # One device cache shape per block size (and one for slots), at least as large as any scheduler's
 # pool, and buckets no smaller than the largest step here: every runner of this file then runs
 # the same few compiled steps (a compilation costs seconds on CPU, a step a millisecond).
-RUNNER_LAYOUTS = {1: kv_cache.PagedLayout(257, 1), 4: kv_cache.PagedLayout(65, 4), 16: kv_cache.PagedLayout(17, 16)}
-RUNNER_SLOTS = kv_cache.ContiguousLayout(3, MAX_LEN)
+RUNNER_LAYOUTS = {1: PagedLayout(257, 1), 4: PagedLayout(65, 4), 16: PagedLayout(17, 16)}
+RUNNER_SLOTS = SlotLayout(3, MAX_LEN)
 
 
 def make_runner(sched) -> ModelRunner:
@@ -90,9 +88,8 @@ SCHEDULERS = {
                                                             enable_prefix_caching=False),
     "continuous-bs1-no-prefix": lambda: ContinuousScheduler(257, 1, max_model_len=MAX_LEN,
                                                             enable_prefix_caching=False),
-    "orca": lambda: ContinuousScheduler(65, 4, max_num_batched_tokens=MAX_LEN, max_model_len=MAX_LEN,
-                                        enable_chunked_prefill=False, enable_prefix_caching=False,
-                                        reservation="max_model_len"),
+    "orca": lambda: OrcaScheduler(65, 4, max_num_batched_tokens=MAX_LEN, max_model_len=MAX_LEN,
+                                  enable_chunked_prefill=False, reservation="max_model_len"),
     # 11 usable blocks of 4 tokens for requests of up to 38 tokens: preemptions and recompute.
     "preempt": lambda: ContinuousScheduler(12, 4, max_num_batched_tokens=16, max_model_len=MAX_LEN),
     "preempt-no-prefix": lambda: ContinuousScheduler(12, 4, max_num_batched_tokens=16, max_model_len=MAX_LEN,
@@ -105,8 +102,8 @@ def make_engine(name: str, **kw) -> Engine:
     return Engine(sched, make_runner(sched), **kw)
 
 
-def serve(engine: Engine, prompts, arrivals=None, sampling=GREEDY, ids=None) -> list[Request]:
-    """Request i joins at step arrivals[i]; run to completion; requests in prompt order."""
+def serve(engine: Engine, prompts, arrivals=None, sampling=GREEDY, ids=None, steps: list | None = None) -> list[Request]:
+    """Request i joins at step arrivals[i]; run to completion; requests in prompt order (step records into steps)."""
     ids = ids or [f"r{i}" for i in range(len(prompts))]
     sps = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
     reqs = [Request(rid, list(p), sp) for rid, p, sp in zip(ids, prompts, sps)]
@@ -116,7 +113,9 @@ def serve(engine: Engine, prompts, arrivals=None, sampling=GREEDY, ids=None) -> 
     while pending or engine.scheduler.has_unfinished():
         while pending and arrivals[pending[0]] <= step:
             assert engine.add(reqs[pending.pop(0)])
-        engine.step()
+        record = engine.step()
+        if record is not None and steps is not None:
+            steps.append(record)
         step += 1
         assert step < 2000
     assert all(r.outcome is Outcome.COMPLETED for r in reqs), [r.reason for r in reqs]
@@ -142,7 +141,8 @@ def test_dense_reference_agrees_with_the_engine():
 def test_greedy_outputs_do_not_depend_on_scheduling(name):
     for which, arrivals in MIXES:
         engine = make_engine(name)
-        reqs = serve(engine, [PROMPTS[i] for i in which], arrivals)
+        steps = []
+        reqs = serve(engine, [PROMPTS[i] for i in which], arrivals, steps=steps)
         assert [r.output_token_ids for r in reqs] == [expected(i) for i in which], (name, which, arrivals)
         sched = engine.scheduler
         if name.startswith("preempt") and len(which) == 5:
@@ -156,9 +156,9 @@ def test_greedy_outputs_do_not_depend_on_scheduling(name):
                 assert hits > 0, name
             assert sched.blocks.num_free_blocks == sched.blocks.num_usable_blocks  # all KV back
     if name.startswith("sequential"):
-        assert engine.steps and all(s.num_seqs <= int(name[-1]) for s in engine.steps)
+        assert steps and all(s.shape.num_seqs <= int(name[-1]) for s in steps)
     if name == "continuous-bs4-chunked":
-        assert max(s.num_prefill_tokens + s.num_decode_seqs for s in engine.steps) <= 8
+        assert max(s.shape.new_tokens for s in steps) <= 8
         assert max(r.num_prompt_tokens for r in reqs) > 8  # so a prompt really was chunked
 
 
@@ -248,37 +248,16 @@ def test_timing_records_and_refusals(name, limit):
     assert too_long.first_scheduled_time is None and not too_long.token_times
 
 
-class FakeClock:
-    """Engine time that moves only when a step executes (dt per step) or the idle engine waits."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.t += max(0.0, s)
-
-
 class TimedRunner:
-    """A real runner whose steps take exactly dt on the fake clock."""
+    """A real runner whose steps take exactly dt on a manual clock."""
 
-    def __init__(self, runner, clock: FakeClock, dt: float):
+    def __init__(self, runner, clock: ManualClock, dt: float):
         self.runner, self.clock, self.dt = runner, clock, dt
 
-    def execute(self, chunks, block_copies=()):
-        tokens = self.runner.execute(chunks, block_copies)
-        self.clock.t += self.dt
+    def execute(self, out):
+        tokens = self.runner.execute(out)
+        self.clock.advance(self.dt)
         return tokens
-
-
-@pytest.fixture
-def fake_time(monkeypatch):
-    """A fake clock; the engine module's time.sleep advances it instead of sleeping."""
-    clock = FakeClock()
-    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(sleep=clock.sleep, perf_counter=clock))
-    return clock
 
 
 def record_schedule(sched, log: list) -> None:
@@ -313,10 +292,11 @@ def sim_requests():
 
 
 @pytest.mark.parametrize("name", ["preempt", "sequential-3"])
-def test_simulator_makes_the_engines_decisions(name, fake_time):
+def test_simulator_makes_the_engines_decisions(name):
     # The real engine, each step taking DT on its clock.
     sched = SCHEDULERS[name]()
-    engine = Engine(sched, TimedRunner(make_runner(sched), fake_time, DT), clock=fake_time)
+    clock = ManualClock()
+    engine = Engine(sched, TimedRunner(make_runner(sched), clock, DT), clock)
     real_log: list = []
     record_schedule(sched, real_log)
     real = sim_requests()
@@ -326,7 +306,7 @@ def test_simulator_makes_the_engines_decisions(name, fake_time):
     env = simpy.Environment()
     sim_sched = SCHEDULERS[name]()
     sim_log: list = []
-    replica = Replica(env, "r0", sim_sched, lambda out: DT, on_step=lambda now, out, dt: sim_log.append(
+    replica = Replica(env, "r0", sim_sched, lambda shape: DT, on_step=lambda now, out, dt: sim_log.append(
         snapshot(now, out)))
     sim = sim_requests()
 
@@ -353,9 +333,10 @@ def test_simulator_makes_the_engines_decisions(name, fake_time):
         assert any(r[2] for r in real_log)
 
 
-def test_closed_loop_client_timeout_frees_kv(fake_time):
+def test_closed_loop_client_timeout_frees_kv():
     sched = SCHEDULERS["preempt"]()
-    engine = Engine(sched, TimedRunner(make_runner(sched), fake_time, DT), clock=fake_time)
+    clock = ManualClock()
+    engine = Engine(sched, TimedRunner(make_runner(sched), clock, DT), clock)
     short, long_ = SamplingParams(max_tokens=3), SamplingParams(max_tokens=30)
     mk = lambda rid, i, sp: Request(rid, list(PROMPTS[i]), sp)  # noqa: E731
     clients = [[mk("a0", 1, short), mk("a1", 3, long_)],
@@ -379,36 +360,3 @@ def test_closed_loop_client_timeout_frees_kv(fake_time):
     assert by_id["b1"].arrival_time == by_id["b0"].finish_time  # the client moved on after giving up
     assert by_id["b1"].output_token_ids == expected(1, 3)
     assert not sched.has_unfinished() and sched.blocks.num_free_blocks == sched.blocks.num_usable_blocks
-
-
-def test_compilation_is_taken_off_the_clock_and_the_rerun_changes_nothing():
-    """exclude_compilation: a step that compiled runs again, warm, and only that run is on the clock;
-    re-running a step (same K/V written again, same seeded samples) leaves the outputs exact."""
-    clock = [0.0]
-    sched = SCHEDULERS["preempt"]()
-    inner = make_runner(sched)
-
-    class CompilingRunner:
-        """The real runner, plus a fake clock: 1 ms a step, 2 s more the first time a batch size is met."""
-        num_compilations = 0
-
-        def __init__(self):
-            self.seen = set()
-
-        def execute(self, chunks, copies=()):
-            if len(chunks) not in self.seen:
-                self.seen.add(len(chunks))
-                self.num_compilations += 1
-                clock[0] += 2.0
-            clock[0] += 0.001
-            return inner.execute(chunks, copies)
-
-    engine = Engine(sched, CompilingRunner(), clock=lambda: clock[0], exclude_compilation=True)
-    reqs = serve(engine, PROMPTS)
-    assert [r.output_token_ids for r in reqs] == [expected(i) for i in range(len(PROMPTS))]
-    assert sched.num_preemptions > 0
-    n = engine.runner.num_compilations
-    assert n >= 2 and engine.compile_s == pytest.approx(n * 2.001)
-    assert all(s.execute_s == pytest.approx(0.001) for s in engine.steps)
-    assert max(r.finish_time for r in reqs) == pytest.approx(engine.now())
-    assert engine.now() == pytest.approx(0.001 * len(engine.steps))  # only the warm runs are on the clock

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from reference.config import get_preset
 from reference.errors import ConfigError
-from sim import formats
-from sim.cli_physics import hardware_command
-from sim.hardware import HARDWARE, Hardware, get_hardware
+from sim.core import formats
+from sim.lab.commands.hardware import command as hardware_command
+from sim.core.hardware import HARDWARE, Hardware, get_hardware
 
 NAMES = ["rtx-4090", "l40s", "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200", "cpu-generic"]
 

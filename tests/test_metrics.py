@@ -1,4 +1,4 @@
-"""sim.metrics: vLLM benchmark definitions over synthetic requests, ITL histogram, results files."""
+"""sim.lab.metrics: vLLM benchmark definitions over synthetic requests, ITL histogram, results files."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from reference.errors import ConfigError
 from reference.request import Outcome, Request, SamplingParams
-from sim.metrics import (REQUEST_COLUMNS, SLO, CellAccumulator, ItlHistogram, ResultsWriter, cell_label,
+from sim.lab.metrics import (REQUEST_COLUMNS, SLO, CellAccumulator, ItlHistogram, ResultsWriter, cell_label,
                          format_summary, load_itl_histograms, load_results, records_frame, request_record,
                          summarize, summarize_cells)
 

@@ -2,27 +2,22 @@
 
 Llama (GQA and not, tied and untied, llama3 rope scaling) and Qwen2 (qkv bias): logits agree
 for a whole-sequence prefill (forward_dense) and for step-by-step decode through the paged
-runner, compared with HF's own incremental decode with its KV cache.
+runner, compared with HF's logits over the whole sequence (the same positions, recomputed).
 """
-import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs; nothing downloads
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-from reference.batch import ScheduledChunk  # noqa: E402
-from reference.config import Llama3RopeScaling, get_preset  # noqa: E402
-from reference.kv_cache import PagedLayout  # noqa: E402
-from reference.model import forward_dense, init_params, rope_inv_freq  # noqa: E402
-from reference.request import Request, SamplingParams  # noqa: E402
-from reference.runner import ModelRunner  # noqa: E402
+from reference.batch import ScheduledChunk, SchedulerOutput
+from reference.config import Llama3RopeScaling, get_preset
+from reference.layout import PagedLayout
+from reference.model import forward_dense, init_params, rope_inv_freq
+from reference.request import Request, SamplingParams
+from reference.runner import ModelRunner
 
 torch.manual_seed(0)
 TINY = get_preset("tiny")
@@ -111,7 +106,7 @@ def test_prefill_logits_match_hf(pair):
 
 
 def test_paged_decode_logits_match_hf(pair):
-    """Chunked prefill then step-by-step decode through the paged runner vs HF with its KV cache."""
+    """Chunked prefill then step-by-step decode through the paged runner vs HF over the whole sequence."""
     cfg, params, model = pair
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, cfg.vocab_size, 21).tolist()
@@ -120,23 +115,14 @@ def test_paged_decode_logits_match_hf(pair):
     req = Request("r", prompt, SamplingParams(max_tokens=12))
     ours = []
     for start, n in [(0, 9), (9, 12)]:  # prefill in two chunks
-        runner.execute([ScheduledChunk(req, start, n, block_table=table)])
+        runner.execute(SchedulerOutput([ScheduledChunk(req, start, n, block_table=table)]))
     ours.append(runner.last_logits()[0])
     req.append_token(int(np.argmax(ours[-1])), 0.0)
     while req.num_output_tokens < 12:
-        runner.execute([ScheduledChunk(req, req.num_tokens - 1, 1, block_table=table)])
+        runner.execute(SchedulerOutput([ScheduledChunk(req, req.num_tokens - 1, 1, block_table=table)]))
         ours.append(runner.last_logits()[0])
         req.append_token(int(np.argmax(ours[-1])), 0.0)
 
-    hf = []
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        hf.append(out.logits[0, -1].numpy())
-        past = out.past_key_values
-        for tok in req.output_token_ids[:-1]:
-            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            hf.append(out.logits[0, -1].numpy())
+    with torch.no_grad():  # HF recomputes the whole sequence: no cache API, whose names move between releases
         full = model(torch.tensor([req.token_ids()])).logits[0].numpy()
-    np.testing.assert_allclose(np.array(ours), np.array(hf), atol=5e-5, rtol=1e-5)
     np.testing.assert_allclose(np.array(ours), full[len(prompt) - 1: -1], atol=5e-5, rtol=1e-5)

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from reference import kv_cache as kvc
 from reference import paged_attention as pa
+from reference.config import get_preset
+from reference.layout import NULL_BLOCK, PagedLayout
 
 EXAMPLES = settings(max_examples=20, deadline=None)  # each example compiles new shapes: keep it modest
 ATOL = 1e-5
@@ -126,7 +128,7 @@ def test_paged_prefill_equals_dense(b):
     # The write touched only the new tokens' slots and the null block.
     touched = np.zeros(k_pool.shape[:2], bool)
     touched.reshape(-1)[slot_mapping] = True
-    touched[kvc.NULL_BLOCK] = True
+    touched[NULL_BLOCK] = True
     np.testing.assert_array_equal(np.asarray(kc)[~touched], k_pool[~touched])
     out = paged_prefill(flat["q"], kc, vc, tables, flat["seq_ids"], flat["positions"],
                         flat["query_start"], flat["context_lens"], tile=b["tile"])
@@ -210,9 +212,8 @@ def test_query_tiles_never_mix_sequences():
 
 
 def test_copy_blocks_copies_every_layer():
-    from reference.config import get_preset
     cfg = get_preset("tiny")
-    cache = kvc.allocate_paged(cfg, num_blocks=8, block_size=4)
+    cache = kvc.allocate(cfg, PagedLayout(num_blocks=8, block_size=4))
     rng = np.random.default_rng(0)
     cache = [(jnp.asarray(rng.standard_normal(k.shape), jnp.float32), v + 1.0) for k, v in cache]
     before = [(np.asarray(k), np.asarray(v)) for k, v in cache]
@@ -223,4 +224,4 @@ def test_copy_blocks_copies_every_layer():
             np.testing.assert_array_equal(k[dst], k0[src])
             np.testing.assert_array_equal(v[dst], v0[src])
         np.testing.assert_array_equal(k[[0, 1, 3, 4, 7]], k0[[0, 1, 3, 4, 7]])
-    assert kvc.kv_bytes(cfg, kvc.PagedLayout(8, 4)) == kvc.cache_bytes(cache) == 2 * 2 * 8 * 4 * 2 * 16 * 4
+    assert kvc.kv_bytes(cfg, PagedLayout(8, 4)) == kvc.cache_bytes(cache) == 2 * 2 * 8 * 4 * 2 * 16 * 4

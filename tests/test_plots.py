@@ -1,11 +1,11 @@
-"""sim.plots: figures of a small simulated run (closed loop, open loop with rate inf, trace)."""
+"""sim.lab.plots: figures of a small simulated run (closed loop, open loop with rate inf, trace)."""
 from __future__ import annotations
 
 import pytest
 
-from sim.experiment import load_experiment
-from sim.plots import plot_results
-from sim.simulate import run_experiment
+from sim.lab.experiment import load_experiment
+from sim.lab.plots import plot_results
+from sim.lab.simulate import run_experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

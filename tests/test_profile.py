@@ -7,14 +7,15 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from reference import profile as prof
+from reference.batch import StepShape
 from reference.block_manager import BlockManager
 from reference.buckets import Padding
 from reference.config import get_preset
 from reference.errors import ConfigError
-from sim.cli import main
-from sim.costmodel import (PROFILE_COLUMNS, CalibratedCostModel, StepShape, read_profile,
-                           shape_from_profile_row)
+from reference.layout import SlotLayout
+from sim.core.calibrated import PROFILE_COLUMNS, CalibratedCostModel, read_profile, shape_from_profile_row
+from sim.lab import profile as prof
+from sim.lab.cli import main
 
 TINY = get_preset("tiny")
 
@@ -73,7 +74,7 @@ def test_calibrated_cost_model_reads_the_profile(quick_profile):
     assert cm.step_time(s).breakdown["overhead"] > bare.step_time(s).breakdown["overhead"]
     assert "host_coefficients" in cm.describe() and set(cm.host_coefficients) == {"step", "seq", "prefill_token"}
     # An engine over contiguous slots is priced by the law of the profile's contiguous rows.
-    slots = CalibratedCostModel.from_profile(quick_profile, model_cfg=TINY, padding=Padding.contiguous(256))
+    slots = CalibratedCostModel.from_profile(quick_profile, model_cfg=TINY, padding=Padding.for_layout(SlotLayout(1, 256), 256))
     assert rep.layout == "paged" and slots.fit_report.layout == "contiguous" and slots.fit_report.rows == n_steps
     assert slots.coefficients != cm.coefficients
     with pytest.raises(ConfigError) as e:  # measured on another model

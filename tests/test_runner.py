@@ -1,5 +1,7 @@
 """ModelRunner: paged == contiguous == full recomputation, no recompiles in a bucket,
 sampling that does not depend on batch composition, and bad input named."""
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,18 +9,32 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from reference.batch import ScheduledChunk
+from reference.batch import ScheduledChunk, SchedulerOutput, StepShape
+from reference.buckets import Padding
 from reference.config import get_preset
 from reference.errors import ConfigError
-from reference.kv_cache import ContiguousLayout, PagedLayout
+from reference.layout import PagedLayout, SlotLayout
 from reference.model import forward_dense, init_params
 from reference.request import Request, SamplingParams
 from reference.runner import ModelRunner
 from reference.sampling import sample
+from sim.lab.bench import make_runner
+from sim.lab.experiment import load_experiment
+from sim.lab.validate import sim_experiment
 
 CFG = get_preset("tiny")
+PROFILE = Path(__file__).resolve().parents[1] / "experiments" / "profiles" / "cpu_tiny.csv"
 PARAMS = init_params(CFG, seed=3)
 GREEDY = SamplingParams(max_tokens=6)
+
+
+def is_paged(runner) -> bool:
+    return isinstance(runner.layout, PagedLayout)
+
+
+def execute(runner, chunks, block_copies=()):
+    """One step of these chunks on the runner."""
+    return runner.execute(SchedulerOutput(list(chunks), block_copies=list(block_copies)))
 
 
 class MiniScheduler:
@@ -27,15 +43,15 @@ class MiniScheduler:
     def __init__(self, runner, chunk_size=8, seed=0):
         self.runner, self.chunk_size = runner, chunk_size
         self.rng = np.random.default_rng(seed)
-        if runner.paged:
+        if is_paged(runner):
             self.free = [int(b) for b in self.rng.permutation(np.arange(1, runner.layout.num_blocks))]
-        self.free_slots = list(range(runner.layout.num_slots)) if not runner.paged else []
+        self.free_slots = list(range(runner.layout.num_slots)) if not is_paged(runner) else []
         self.tables, self.slots = {}, {}
 
     def chunk(self, req):
         start = req.num_computed_tokens
         n = min(self.chunk_size, req.num_tokens - start)
-        if self.runner.paged:
+        if is_paged(self.runner):
             table = self.tables.setdefault(req.request_id, [])
             while len(table) * self.runner.layout.block_size < start + n:
                 table.append(self.free.pop())
@@ -46,7 +62,7 @@ class MiniScheduler:
 
     def step(self, reqs):
         chunks = [self.chunk(r) for r in reqs if not r.is_done_generating()]
-        tokens = iter(self.runner.execute(chunks))
+        tokens = iter(execute(self.runner, chunks))
         for c in chunks:
             c.request.num_computed_tokens = c.end
             if c.samples:
@@ -91,7 +107,7 @@ def paged(num_blocks=64, block_size=4, **kw):
 
 def contiguous(num_slots=4, max_len=64, **kw):
     kw = {"min_tokens": 32, **kw}
-    return ModelRunner(CFG, PARAMS, layout=ContiguousLayout(num_slots, max_len), **kw)
+    return ModelRunner(CFG, PARAMS, layout=SlotLayout(num_slots, max_len), **kw)
 
 
 def test_greedy_paged_equals_contiguous_equals_dense():
@@ -174,9 +190,9 @@ def test_block_copies_before_the_step():
     runner = paged()
     p = prompts([10])[0]
     a = Request("a", p, GREEDY)
-    runner.execute([ScheduledChunk(a, 0, 10, block_table=[5, 2, 7])])
+    execute(runner, [ScheduledChunk(a, 0, 10, block_table=[5, 2, 7])])
     b = Request("b", p, GREEDY)  # shares blocks 5, 2 with a; its partial last block is a copy of 7
-    tok_b = runner.execute([ScheduledChunk(b, 9, 1, block_table=[5, 2, 9])], block_copies=[(7, 9)])
+    tok_b = execute(runner, [ScheduledChunk(b, 9, 1, block_table=[5, 2, 9])], block_copies=[(7, 9)])
     assert tok_b == [dense_greedy(p, 1)[0]]
 
 
@@ -185,7 +201,7 @@ def test_block_copies_before_the_step():
     (lambda: ModelRunner(CFG, PARAMS, layout=PagedLayout(8, 0)), "block_size"),
     (lambda: ModelRunner(CFG, PARAMS, layout=PagedLayout(8, -4)), "block_size"),
     (lambda: ModelRunner(CFG, PARAMS, layout=PagedLayout(1, 4)), "num_blocks"),
-    (lambda: ModelRunner(CFG, PARAMS, layout=ContiguousLayout(0, 16)), "num_slots"),
+    (lambda: ModelRunner(CFG, PARAMS, layout=SlotLayout(0, 16)), "num_slots"),
     (lambda: ModelRunner(CFG, PARAMS, layout=PagedLayout(8, 4), dtype=jnp.int8), "dtype"),
 ])
 def test_bad_construction_names_the_field(make, error_field):
@@ -211,7 +227,7 @@ def test_bad_chunks_name_the_field():
     for chunk, field in cases:
         runner = r if chunk.slot is None or field == "block_table" else c
         with pytest.raises(ConfigError) as e:
-            runner.execute([chunk])
+            execute(runner, [chunk])
         assert e.value.field == field, (field, str(e.value))
     assert r.num_compilations == 0  # refused before any work
 
@@ -232,14 +248,14 @@ def test_mixed_step_equals_its_parts(make):
 
     mixed_runner = make()
     chunks = setup(mixed_runner)
-    mixed_tokens = mixed_runner.execute(chunks)
+    mixed_tokens = execute(mixed_runner, chunks)
     mixed = mixed_runner.last_logits()
 
     sep_runner = make()
     chunks = setup(sep_runner)
-    dec_tokens = sep_runner.execute([chunks[1], chunks[3]])
+    dec_tokens = execute(sep_runner, [chunks[1], chunks[3]])
     dec = sep_runner.last_logits()
-    pre_tokens = sep_runner.execute([chunks[0], chunks[2]])
+    pre_tokens = execute(sep_runner, [chunks[0], chunks[2]])
     pre = sep_runner.last_logits()
 
     assert mixed.shape == (4, CFG.vocab_size)
@@ -252,13 +268,8 @@ def test_mixed_step_equals_its_parts(make):
        prefill=st.lists(st.tuples(st.integers(2, 40), st.integers(0, 20)), max_size=5))
 @settings(max_examples=40, deadline=None)
 def test_prepared_arrays_have_the_padded_sizes_the_cost_model_prices(decode_ctx, prefill):
-    """runner.prepare pads exactly as reference.buckets.Padding says, and the simulator's runner_padding
-    for the same engine is the runner's padding (so the calibrated model prices the arrays the runner builds)."""
-    from reference.bench import make_runner
-    from sim.costmodel import StepShape
-    from sim.engines import build_scheduler, plan_memory, runner_padding
-    from sim.experiment import load_experiment
-
+    """runner.prepare pads exactly as reference.buckets.Padding says, and the padding the simulator prices an
+    engine's steps with is the runner's (so the calibrated model prices the arrays the runner builds)."""
     if not decode_ctx and not prefill:
         return
     for engine in ('scheduler = "continuous"\nblock_size = 4\nnum_blocks = 400\nmax_model_len = 128',
@@ -268,15 +279,18 @@ def test_prepared_arrays_have_the_padded_sizes_the_cost_model_prices(decode_ctx,
                               '[workload.output_tokens]\ndist = "fixed"\nvalue = 8\n'
                               f'[engines.e]\n{engine}\n')
         e = exp.engines[0]
-        layout = build_scheduler(e, plan_memory(e, exp.model_config, None, 1, exp.dtype)).layout
-        runner = make_runner(exp, layout, PARAMS)
-        assert runner.padding == runner_padding(e, exp.model_config)
+        layout = e.build_scheduler(exp.plan(e)).layout
+        runner = make_runner(exp, e, PARAMS)
+        assert runner.layout == layout == e.layout(exp.plan(e))
+        assert runner.padding == Padding.for_layout(layout, exp.model_spec.max_position)
+        calibrated = sim_experiment(exp, PROFILE)
+        assert calibrated.cost_model_for(calibrated.engines[0]).padding == runner.padding
         chunks, next_block = [], 1
         parts = [(c - 1, 1, c - 1) for c in decode_ctx] + [(cached + n, 0, cached) for n, cached in prefill]
         for i, (prompt_len, out_len, start) in enumerate(parts):
             req = Request(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8))
             req.output_token_ids = [7] * out_len
-            if runner.paged:
+            if is_paged(runner):
                 need = -(-req.num_tokens // layout.block_size)
                 table, next_block = list(range(next_block, next_block + need)), next_block + need
                 chunks.append(ScheduledChunk(req, start, req.num_tokens - start, block_table=table))
@@ -288,13 +302,13 @@ def test_prepared_arrays_have_the_padded_sizes_the_cost_model_prices(decode_ctx,
                                   s.prefill_max_context)
         assert step.batch["tokens"].shape == (pad.tokens,)
         assert step.batch["context_lens"].shape == (pad.rows,)
-        key = "tables" if runner.paged else "slots"
+        key = "tables" if is_paged(runner) else "slots"
         if pad.decode_rows:
             assert step.batch["decode"][key].shape[0] == pad.decode_rows
         if pad.prefill_rows:
             assert step.batch["prefill"][key].shape[0] == pad.prefill_rows
             assert pad.prefill_tiles == pad.prefill_rows + -(-pad.prefill_tokens // runner.query_tile)
-        if runner.paged:
+        if is_paged(runner):
             for part, ctx in (("decode", pad.decode_context), ("prefill", pad.prefill_context)):
                 if part in step.batch:
                     assert step.batch[part]["tables"].shape[1] * layout.block_size == ctx

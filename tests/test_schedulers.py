@@ -5,7 +5,7 @@ from hypothesis import given, settings
 
 from reference.errors import ConfigError
 from reference.request import Outcome, Request, SamplingParams, Status
-from reference.schedulers import ContinuousScheduler, SequentialScheduler, StaticScheduler
+from reference.schedulers import ContinuousScheduler, OrcaScheduler, SequentialScheduler, StaticScheduler
 from tests.scheduler_harness import expected_output, make_requests, run_to_completion
 
 workloads = st.lists(
@@ -25,12 +25,10 @@ SCHEDULERS = {
                                                     max_model_len=52),
     "continuous-no-cache": lambda: ContinuousScheduler(num_blocks=30, block_size=2, max_num_batched_tokens=5,
                                                        enable_prefix_caching=False, max_model_len=52),
-    "orca-max": lambda: ContinuousScheduler(num_blocks=40, block_size=4, max_num_batched_tokens=64,
-                                            max_model_len=64, reservation="max_model_len",
-                                            enable_chunked_prefill=False),
-    "orca-oracle": lambda: ContinuousScheduler(num_blocks=30, block_size=4, max_num_batched_tokens=64,
-                                               max_model_len=64, reservation="request",
-                                               enable_chunked_prefill=False),
+    "orca-max": lambda: OrcaScheduler(num_blocks=40, block_size=4, max_num_batched_tokens=64, max_model_len=64,
+                                      reservation="max_model_len", enable_chunked_prefill=False),
+    "orca-oracle": lambda: OrcaScheduler(num_blocks=30, block_size=4, max_num_batched_tokens=64, max_model_len=64,
+                                         reservation="request", enable_chunked_prefill=False),
 }
 
 
@@ -63,7 +61,7 @@ def test_continuous_respects_budget_seq_limit_and_pool(specs, when):
     sched = SCHEDULERS["continuous-tight"]()
     steps = run_to_completion(sched, make_requests(specs), when[:len(specs)])
     for out in steps:
-        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert out.shape.new_tokens <= sched.max_num_batched_tokens
         assert len(out.chunks) <= sched.max_num_seqs
 
 
@@ -121,7 +119,8 @@ def test_prefix_cache_hits_are_counted_and_skip_compute():
 @pytest.mark.parametrize("make, field", [
     (lambda: SequentialScheduler(num_parallel=0), "num_parallel"),
     (lambda: ContinuousScheduler(num_blocks=10, block_size=64, max_model_len=32), "block_size"),
-    (lambda: ContinuousScheduler(num_blocks=10, reservation="sometimes"), "reservation"),
+    (lambda: OrcaScheduler(num_blocks=10, reservation="sometimes"), "reservation"),
+    (lambda: ContinuousScheduler(num_blocks=1), "num_blocks"),
     (lambda: ContinuousScheduler(num_blocks=10, max_num_seqs=0), "max_num_seqs"),
     (lambda: StaticScheduler(max_batch_size=0), "max_batch_size"),
 ])

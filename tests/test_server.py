@@ -27,9 +27,9 @@ import uvicorn  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from reference.model import init_params  # noqa: E402
-from reference.server import create_app  # noqa: E402
+from sim.lab.server import create_app  # noqa: E402
 from reference.tokenizer import ByteTokenizer, TextStream  # noqa: E402
-from sim.experiment import load_experiment  # noqa: E402
+from sim.lab.experiment import load_experiment  # noqa: E402
 
 CONFIG = """
 name = "serve_tiny"
@@ -96,7 +96,7 @@ def serving(app):
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(EXP.model_config, EXP.seed)
+    return init_params(EXP.model_spec, EXP.seed)
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +357,7 @@ def test_disconnects_free_slots_and_blocks(cont, monkeypatch):
 
 def test_http_bench_drives_the_server(cont, tmp_path):
     url, _ = cont
-    from sim.cli import main
+    from sim.lab.cli import main
 
     cfg = tmp_path / "exp.toml"
     cfg.write_text(CONFIG)
@@ -374,7 +374,7 @@ def test_http_bench_drives_the_server(cont, tmp_path):
 
 
 def test_serve_command_is_wired(tmp_path):
-    from sim.cli import main
+    from sim.lab.cli import main
 
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0 and "--engine" in result.output and "--port" in result.output

@@ -1,6 +1,6 @@
 """Simulator properties: conservation, same decisions as a direct driver, monotonicity, determinism, errors.
 
-Small random experiments (hypothesis) run through sim.simulate.simulate_cell with the roofline
+Small random experiments (hypothesis) run through sim.lab.simulate.simulate_cell with the roofline
 cost model on an H100 SXM; every request must end exactly once, completed requests carry exactly
 max_tokens output tokens, and every KV block is back in the pool at the end.
 """
@@ -16,15 +16,15 @@ import pytest
 import simpy
 from hypothesis import HealthCheck, event, given, settings
 
-import sim.simulate
+import sim.lab.simulate
 from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
-from reference.schedulers import ContinuousScheduler, SequentialScheduler, StaticScheduler
-from sim.experiment import dumps_toml as to_toml
-from sim.experiment import load_experiment
-from sim.metrics import CellAccumulator
-from sim.replica import SIM_TOKEN, Replica
-from sim.simulate import run_experiment, simulate_cell
+from reference.schedulers import ContinuousScheduler, OrcaScheduler, SequentialScheduler, StaticScheduler
+from sim.lab.experiment import dumps_toml as to_toml
+from sim.lab.experiment import load_experiment
+from sim.lab.metrics import CellAccumulator
+from sim.core.replica import SIM_TOKEN, Replica
+from sim.lab.simulate import run_experiment, simulate_cell
 
 
 def examples(n: int) -> settings:
@@ -98,7 +98,7 @@ def experiments(draw) -> dict:
 
 @contextmanager
 def captured_replicas():
-    """Every Replica that sim.simulate builds while inside, so a test can inspect their schedulers."""
+    """Every Replica that sim.lab.simulate builds while inside, so a test can inspect their schedulers."""
     made: list[Replica] = []
 
     class Recording(Replica):
@@ -106,7 +106,7 @@ def captured_replicas():
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    with mock.patch.object(sim.simulate, "Replica", Recording):
+    with mock.patch.object(sim.lab.simulate, "Replica", Recording):
         yield made
 
 
@@ -176,9 +176,9 @@ def test_every_request_ends_once_and_all_kv_returns(doc):
 # ---------------------------------------------------------------------------------------
 # Same decisions as a direct driver
 
-def step_seconds(out) -> float:
+def step_seconds(shape) -> float:
     """A fixed step-time law both drivers use (s): per step, per token and per sequence terms."""
-    return 0.003 + 1e-5 * out.num_batched_tokens + 2e-4 * len(out.chunks)
+    return 0.003 + 1e-5 * shape.new_tokens + 2e-4 * shape.num_seqs
 
 
 def snapshot(out) -> tuple:
@@ -205,14 +205,14 @@ def direct_drive(sched, reqs: list[Request], arrivals: list[float]) -> list[tupl
             t = pending[0][0]
             continue
         steps.append((t, snapshot(out)))
-        t += step_seconds(out)
+        t += step_seconds(out.shape)
         sched.update(out, [SIM_TOKEN] * sum(1 for c in out.chunks if c.samples), t)
         assert len(steps) < 100_000
     return steps
 
 
 def replica_drive(sched, reqs: list[Request], arrivals: list[float]) -> list[tuple[float, tuple]]:
-    """The same requests through a sim.replica.Replica in SimPy."""
+    """The same requests through a sim.core.replica.Replica in SimPy."""
     env = simpy.Environment()
     steps = []
     replica = Replica(env, "r0", sched, step_seconds, on_step=lambda now, out, dt: steps.append((now, snapshot(out))))
@@ -236,9 +236,8 @@ DRIVER_SCHEDULERS = {
                                               max_num_batched_tokens=16, max_model_len=96),
     "continuous-no-cache": lambda: ContinuousScheduler(num_blocks=30, block_size=4, max_num_batched_tokens=12,
                                                        max_model_len=96, enable_prefix_caching=False),
-    "orca": lambda: ContinuousScheduler(num_blocks=60, block_size=4, max_num_batched_tokens=96, max_model_len=96,
-                                        reservation="max_model_len", enable_chunked_prefill=False,
-                                        enable_prefix_caching=False),
+    "orca": lambda: OrcaScheduler(num_blocks=60, block_size=4, max_num_batched_tokens=96, max_model_len=96,
+                                  reservation="max_model_len", enable_chunked_prefill=False),
 }
 
 request_sets = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 60), st.integers(1, 30),

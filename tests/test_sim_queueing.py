@@ -1,4 +1,4 @@
-"""The simulator against queueing theory: an independent truth for sim.replica.Replica.
+"""The simulator against queueing theory: an independent truth for sim.core.replica.Replica.
 
 A Replica drives a SequentialScheduler (Ollama's slots) with a step_time callable written here,
 so the replica's clock, wake-up and FCFS admission are checked against closed-form results:
@@ -22,7 +22,7 @@ import simpy
 
 from reference.request import Outcome, Request, SamplingParams
 from reference.schedulers import SequentialScheduler
-from sim.replica import Replica
+from sim.core.replica import Replica
 
 UNBOUNDED_QUEUE = 10 ** 9  # SequentialScheduler refuses beyond max_queue (0 means no queue at all)
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
-from sim.cli import main
-from sim.experiment import load_experiment
-from sim.teaching import block_table_states, make_all, occupancy, run_pool
-from sim.trace import format_trace, trace_cell, with_overrides
+from sim.lab.cli import main
+from sim.lab.experiment import load_experiment
+from sim.lab.teaching import block_table_states, make_all, occupancy, run_pool
+from sim.lab.trace import format_trace, trace_cell, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "experiments" / "trace_small.toml"
@@ -118,7 +117,6 @@ def test_teaching_block_tables_share_then_copy_on_write():
     assert cow.tables["A'"][:-1] == cow.tables["A"][:-1] and cow.tables["A'"][-1] != cow.tables["A"][-1]
 
 
-@pytest.mark.slow
 def test_teaching_figures_render(tmp_path):
     paths = make_all(tmp_path)
     assert [p.name for p in paths] == ["teaching_kv_over_time.png", "teaching_block_tables.png"]

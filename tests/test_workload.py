@@ -1,4 +1,4 @@
-"""sim.workload: determinism, distributions, arrival processes, closed-loop streams, traces."""
+"""sim.lab.workload: determinism, distributions, arrival processes, closed-loop streams, traces."""
 from __future__ import annotations
 
 import math
@@ -10,30 +10,31 @@ from hypothesis import strategies as st
 
 from reference.errors import ConfigError
 from reference.request import Request
-from sim.experiment import Cell, load_experiment
-from sim.workload import (BLOCK, ClosedLoopWorkload, EmpiricalLength, FixedLength, LognormalLength, OpenLoopWorkload,
-                          RequestSequence, SharedPrefix, ThinkTime, UniformLength, build_workload, gamma_arrivals,
-                          length_dist_from_dict, read_trace, to_request)
+from sim.lab.experiment import Cell, load_experiment
+from sim.lab.schema import validate
+from sim.lab.workload import (BLOCK, ClosedLoopWorkload, EmpiricalLength, FixedLength, Lengths, LognormalLength,
+                              OpenLoopWorkload, RequestSequence, SharedPrefix, ThinkTime, UniformLength, gamma_arrivals,
+                              read_trace, to_request)
 
 FAST = settings(max_examples=25, deadline=None)
 
 dists = st.one_of(
-    st.integers(1, 300).map(FixedLength),
-    st.tuples(st.integers(1, 100), st.integers(0, 200)).map(lambda t: UniformLength(t[0], t[0] + t[1])),
+    st.integers(1, 300).map(lambda v: FixedLength(value=v)),
+    st.tuples(st.integers(1, 100), st.integers(0, 200)).map(lambda t: UniformLength(low=t[0], high=t[0] + t[1])),
     st.tuples(st.floats(2, 500), st.floats(0, 1.5)).map(lambda t: LognormalLength(sigma=t[1], mean=t[0])),
-    st.lists(st.integers(1, 500), min_size=1, max_size=5).map(lambda v: EmpiricalLength(tuple(v))),
+    st.lists(st.integers(1, 500), min_size=1, max_size=5).map(lambda v: EmpiricalLength(values=tuple(v))),
 )
 
 
 def seq(seed=0, prompt=None, output=None, shared=None, vocab=512):
-    return RequestSequence(seed, vocab, prompt_tokens=prompt or UniformLength(1, 200),
-                           output_tokens=output or UniformLength(1, 50), shared_prefix=shared)
+    return RequestSequence(seed, vocab, prompt_tokens=prompt or UniformLength(low=1, high=200),
+                           output_tokens=output or UniformLength(low=1, high=50), shared_prefix=shared)
 
 
 @FAST
 @given(st.integers(0, 2 ** 32), dists, dists, st.floats(0, 1))
 def test_same_seed_same_sequence(seed, prompt, output, frac):
-    shared = SharedPrefix(frac, 16, 2)
+    shared = SharedPrefix(fraction=frac, tokens=16, num_prefixes=2)
     a, b = seq(seed, prompt, output, shared), seq(seed, prompt, output, shared)
     idx = [0, 1, 5, BLOCK - 1, BLOCK, 3 * BLOCK + 7]
     specs_a = [a.spec(i) for i in idx]
@@ -49,25 +50,25 @@ def test_different_seeds_differ_and_features_are_independent():
     a, b = seq(0), seq(1)
     assert [a.spec(i).prompt_len for i in range(50)] != [b.spec(i).prompt_len for i in range(50)]
     # changing the output distribution leaves prompt lengths and tokens alone (own streams)
-    c = seq(0, output=FixedLength(7))
+    c = seq(0, output=FixedLength(value=7))
     assert [a.spec(i).prompt_len for i in range(50)] == [c.spec(i).prompt_len for i in range(50)]
     assert a.spec(3).prompt_token_ids == c.spec(3).prompt_token_ids
 
 
 def test_cache_eviction_keeps_determinism():
-    s = RequestSequence(3, 1000, prompt_tokens=UniformLength(1, 9), output_tokens=FixedLength(2), cache_blocks=1)
+    s = RequestSequence(3, 1000, prompt_tokens=UniformLength(low=1, high=9), output_tokens=FixedLength(value=2), cache_blocks=1)
     first = [s.spec(i * BLOCK).prompt_len for i in range(4)]
     assert [s.spec(i * BLOCK).prompt_len for i in reversed(range(4))][::-1] == first
 
 
 def test_length_distributions():
     rng = np.random.default_rng(0)
-    assert set(FixedLength(5).sample(rng, 10)) == {5}
-    u = UniformLength(3, 6).sample(rng, 20000)
+    assert set(FixedLength(value=5).sample(rng, 10)) == {5}
+    u = UniformLength(low=3, high=6).sample(rng, 20000)
     assert u.min() == 3 and u.max() == 6 and abs(u.mean() - 4.5) < 0.05
-    e = EmpiricalLength((10, 20, 30), (1, 0, 3)).sample(rng, 40000)
+    e = EmpiricalLength(values=(10, 20, 30), weights=(1, 0, 3)).sample(rng, 40000)
     assert set(e) == {10, 30} and abs(np.mean(e == 30) - 0.75) < 0.01
-    assert EmpiricalLength((10, 20, 30), (1, 0, 3)).max_value == 30
+    assert EmpiricalLength(values=(10, 20, 30), weights=(1, 0, 3)).max_value == 30
 
 
 @pytest.mark.parametrize("mean,sigma", [(100.0, 0.5), (500.0, 1.0), (30.0, 0.2)])
@@ -79,22 +80,22 @@ def test_lognormal_mean_matches_target(mean, sigma):
     assert np.median(m) == pytest.approx(mean, rel=0.02) and m.max() <= mean * 2
 
 
-def test_length_dist_from_dict_errors():
-    assert length_dist_from_dict({"dist": "uniform", "low": 1, "high": 4}) == UniformLength(1, 4)
+def test_length_tables_and_their_errors():
+    assert validate(Lengths, {"dist": "uniform", "low": 1, "high": 4}) == UniformLength(low=1, high=4)
     with pytest.raises(ConfigError, match="dist.*fixed \\| uniform \\| lognormal \\| empirical"):
-        length_dist_from_dict({"dist": "normal"})
+        validate(Lengths, {"dist": "normal"})
     with pytest.raises(ConfigError, match="^mu: unknown key"):
-        length_dist_from_dict({"dist": "lognormal", "mu": 3, "sigma": 1})
+        validate(Lengths, {"dist": "lognormal", "mu": 3, "sigma": 1})
     with pytest.raises(ConfigError, match="^sigma: required"):
-        length_dist_from_dict({"dist": "lognormal", "mean": 3})
+        validate(Lengths, {"dist": "lognormal", "mean": 3})
     with pytest.raises(ConfigError, match="exactly one of mean and median"):
         LognormalLength(sigma=1.0, mean=3, median=3)
-    with pytest.raises(ConfigError, match="^high: out of range"):
-        UniformLength(5, 4)
+    with pytest.raises(ConfigError, match="^high: 4 is below low = 5"):
+        UniformLength(low=5, high=4)
     with pytest.raises(ConfigError, match="^weights: must be a list as long as values"):
-        EmpiricalLength((1, 2), (1.0,))
+        EmpiricalLength(values=(1, 2), weights=(1.0,))
     with pytest.raises(ConfigError, match="^value: must be an integer"):
-        FixedLength(True)
+        FixedLength(value=True)
 
 
 @pytest.mark.parametrize("burstiness", [1.0, 0.25, 4.0])
@@ -132,7 +133,7 @@ def test_open_loop_limits():
 
 
 def test_shared_prefix_only_where_it_should():
-    s = seq(4, prompt=FixedLength(40), shared=SharedPrefix(0.5, 32, 1))
+    s = seq(4, prompt=FixedLength(value=40), shared=SharedPrefix(fraction=0.5, tokens=32, num_prefixes=1))
     specs = [s.spec(i) for i in range(2000)]
     shared = [x for x in specs if x.prefix_id is not None]
     assert abs(len(shared) / len(specs) - 0.5) < 0.05
@@ -142,7 +143,7 @@ def test_shared_prefix_only_where_it_should():
     assert all(x.prompt_len == 40 for x in specs if x.prefix_id is None)
     assert len({tuple(t) for t in others}) == len(others)  # no two unshared prompts share a 16-token block
     assert first[:16] not in others
-    two = seq(4, prompt=FixedLength(40), shared=SharedPrefix(1.0, 32, 2))
+    two = seq(4, prompt=FixedLength(value=40), shared=SharedPrefix(fraction=1.0, tokens=32, num_prefixes=2))
     heads = {tuple(two.spec(i).prompt_token_ids[:32]) for i in range(200)}
     assert len(heads) == 2
 
@@ -198,7 +199,7 @@ def test_trace_replay(tmp_path):
     assert arrival.tolist() == [0.0, 0.5, 2.0] and prompt.tolist() == [5, 7, 9] and output.tolist() == [3, 1, 2]
     exp = load_experiment(TRACE_EXP.format(path=p))
     assert exp.cells() == [Cell("vllm")]
-    specs = list(build_workload(exp, exp.cells()[0]))
+    specs = list(exp.workload.build(exp.seed, exp.model_spec.vocab_size, exp.cells()[0].load))
     assert [(s.arrival_time, s.prompt_len, s.max_tokens) for s in specs] == [(0.0, 5, 3), (0.25, 7, 1), (1.0, 9, 2)]
 
 
@@ -251,5 +252,5 @@ scheduler = "continuous"
         return sorted(out)
 
     cells = exp.cells()
-    runs = [drain(build_workload(exp, c)) for c in cells]
+    runs = [drain(exp.workload.build(exp.seed, exp.model_spec.vocab_size, c.load)) for c in cells]
     assert all(r == runs[0] for r in runs) and len(runs[0]) == 8

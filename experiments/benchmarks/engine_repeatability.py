@@ -22,9 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from sim.validate import compare, error_table, format_error_table  # noqa: E402
+from sim.lab.validate import compare, error_table, format_error_table
 
 
 def bench_dirs(root: Path) -> dict[str, Path]:

@@ -17,21 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from reference.batch import ScheduledChunk  # noqa: E402
-from reference.config import get_preset  # noqa: E402
-from reference.kv_cache import ContiguousLayout, PagedLayout  # noqa: E402
-from reference.model import init_params  # noqa: E402
-from reference.request import Request, SamplingParams  # noqa: E402
-from reference.runner import ModelRunner  # noqa: E402
+from reference.batch import ScheduledChunk
+from reference.config import get_preset
+from reference.layout import PagedLayout, SlotLayout
+from reference.model import init_params
+from reference.request import Request, SamplingParams
+from reference.runner import ModelRunner
 
 BLOCK_SIZE = 16  # tokens per block (vLLM's default)
 
@@ -57,9 +53,9 @@ def time_cell(cfg, params, batch: int, context: int, reps: int, rng) -> dict:
     """Median decode-step time (s) of both layouts for one (batch, context)."""
     runners = {
         "paged": ModelRunner(cfg, params, layout=PagedLayout(1 + batch * -(-context // BLOCK_SIZE), BLOCK_SIZE)),
-        "contiguous": ModelRunner(cfg, params, layout=ContiguousLayout(batch, context)),
+        "contiguous": ModelRunner(cfg, params, layout=SlotLayout(batch, context)),
     }
-    steps = {name: r.prepare(decode_chunks(cfg, batch, context, r.paged, rng)) for name, r in runners.items()}
+    steps = {name: r.prepare(decode_chunks(cfg, batch, context, name == "paged", rng)) for name, r in runners.items()}
     times = {name: [] for name in runners}
     for i in range(reps + 2):  # two warm-up rounds (the first compiles)
         for name, r in runners.items():

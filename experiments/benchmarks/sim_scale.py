@@ -19,16 +19,13 @@ import argparse
 import cProfile
 import pstats
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from sim.experiment import load_experiment  # noqa: E402
-from sim.metrics import ResultsWriter  # noqa: E402
-from sim.simulate import simulate_cell  # noqa: E402
+from sim.lab.experiment import load_experiment
+from sim.lab.metrics import ResultsWriter
+from sim.lab.simulate import simulate_cell
 
 TARGET_S = 60.0  # wall seconds for a million requests
 CLIENTS = 256

@@ -10,33 +10,16 @@ A driver (the JAX engine, or a SimPy replica) calls, with its own clock `now` in
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from reference.batch import SchedulerOutput
-from reference.block_manager import KVUsage
+from reference.layout import KVUsage, Layout
 from reference.request import Outcome, Request, Status
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """Contiguous KV: num_slots regions of max_len tokens each, reserved up front."""
-
-    num_slots: int
-    max_len: int  # tokens
-
-
-@dataclass(frozen=True)
-class PagedLayout:
-    """Paged KV: a pool of num_blocks blocks (block 0 is the null block) of block_size tokens."""
-
-    num_blocks: int
-    block_size: int  # tokens
 
 
 class Scheduler:
     """Shared state: a FCFS wait queue, the running list, finishing and aborting."""
 
-    layout: SlotLayout | PagedLayout
+    layout: Layout  # the KV layout this scheduler fills; the runner allocates the same object
 
     def __init__(self, max_queue: int = 0):
         """max_queue: waiting requests beyond which new ones are refused (0 = unbounded)."""
@@ -60,6 +43,22 @@ class Scheduler:
 
     def _release_kv(self, req: Request) -> None:
         """Give back whatever KV the request holds."""
+        raise NotImplementedError
+
+    def kv_usage_perc(self) -> float:
+        """The KV usage this kind of server reports (vLLM: the reserved share of capacity, 0..1)."""
+        return self.kv_usage().usage_fraction
+
+    def kv_holdings(self) -> dict[str, list[int]]:
+        """What each request holding KV holds now: its blocks (paged) or [its slot]."""
+        raise NotImplementedError
+
+    def kv_blocks(self) -> dict[int, tuple[int, int]]:
+        """Block -> (tokens it holds, references to it), for blocks in use; empty for slot layouts."""
+        return {}
+
+    def describe(self) -> str:
+        """One line on the policy and its KV memory, for people."""
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------

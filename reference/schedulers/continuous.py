@@ -1,4 +1,4 @@
-"""Continuous batching over a paged KV pool (vLLM V1), and the Orca-style max-length reservation variant.
+"""Continuous batching over a paged KV pool (vLLM V1).
 
 Each step: running requests first (oldest first), each gets the tokens it still needs
 (1 for a decode, the rest of its prompt for a chunked prefill) within the step's token budget;
@@ -9,56 +9,46 @@ while the budget, max_num_seqs and the pool allow, reusing prefix-cached blocks.
 from __future__ import annotations
 
 from reference.batch import ScheduledChunk, SchedulerOutput
-from reference.block_manager import BlockManager, KVUsage
+from reference.block_manager import BlockManager
 from reference.errors import ConfigError
+from reference.layout import KVUsage
 from reference.request import Request, Status
-from reference.schedulers.base import PagedLayout, Scheduler
-
-RESERVATIONS = ("none", "max_model_len", "request")
+from reference.schedulers.base import Scheduler
 
 
 class ContinuousScheduler(Scheduler):
-    """vLLM-style continuous batching with chunked prefill, recompute preemption and prefix caching.
-
-    reservation: "none" (paged, blocks on demand: vLLM), "max_model_len" (Orca (Max): a request
-    reserves KV for the longest allowed sequence when admitted) or "request" (Orca (Oracle):
-    it reserves prompt + max_tokens).
-    """
+    """vLLM-style continuous batching with chunked prefill, recompute preemption and prefix caching."""
 
     def __init__(self, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 8192,
-                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
-                 reservation: str = "none", max_queue: int = 0):
+                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True, max_queue: int = 0):
         super().__init__(max_queue)
         if max_num_seqs < 1:
             raise ConfigError("max_num_seqs", f"must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens", f"must be >= 1, got {max_num_batched_tokens}")
-        if block_size > max_model_len:
-            raise ConfigError("block_size", f"{block_size} is larger than max_model_len={max_model_len}",
-                              f"1..{max_model_len}")
-        if reservation not in RESERVATIONS:
-            raise ConfigError("reservation", f"unknown value {reservation!r}", ", ".join(RESERVATIONS))
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
             raise ConfigError("max_num_batched_tokens",
                               f"{max_num_batched_tokens} < max_model_len={max_model_len}: without chunked "
                               "prefill a whole prompt must fit in one step", f">= {max_model_len}")
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching and reservation == "none")
-        self.layout = PagedLayout(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.layout = self.blocks.layout
+        if block_size > max_model_len:
+            raise ConfigError("block_size", f"{block_size} is larger than max_model_len={max_model_len}",
+                              f"1..{max_model_len}")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.reservation = reservation
 
     def add(self, req: Request, now: float) -> bool:
         """Queue the request; refuse it when it can never run (too long for the model or the pool)."""
         need = req.max_total_tokens
         if need > self.max_model_len:
             return self._refuse(req, now, f"prompt + max_tokens = {need} exceeds max_model_len={self.max_model_len}")
-        blocks = self.blocks.blocks_needed(max(need, self._reserve(req)))
-        if blocks > self.blocks.num_usable_blocks:
-            return self._refuse(req, now, f"needs {blocks} KV blocks, the pool has {self.blocks.num_usable_blocks}")
+        blocks = self.layout.blocks_for(self._tokens_held(req))
+        if blocks > self.layout.num_usable_blocks:
+            return self._refuse(req, now, f"needs {blocks} KV blocks, the pool has {self.layout.num_usable_blocks}")
         if busy := self._queue_full():
             return self._refuse(req, now, busy)
         self.waiting.append(req)
@@ -67,13 +57,6 @@ class ContinuousScheduler(Scheduler):
     def kv_usage(self) -> KVUsage:
         """Blocks reserved by running requests versus tokens they hold."""
         return self.blocks.usage()
-
-    def _reserve(self, req: Request) -> int:
-        if self.reservation == "max_model_len":
-            return self.max_model_len
-        if self.reservation == "request":
-            return req.max_total_tokens
-        return 0
 
     def schedule(self, now: float) -> SchedulerOutput:
         """One step's batch: running first, then waiting (FCFS) if no one was preempted."""
@@ -103,15 +86,13 @@ class ContinuousScheduler(Scheduler):
             req = self.waiting[0]
             tokens = req.token_ids()
             hits = self.blocks.get_computed_blocks(tokens)
-            num_computed = len(hits) * self.blocks.block_size
+            num_computed = len(hits) * self.layout.block_size
             num_new = len(tokens) - num_computed
             if num_new > budget:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            copies = self.blocks.allocate_slots(req.request_id, num_computed, num_new, hits,
-                                                reserve_tokens=self._reserve(req))
-            if copies is None:
+            if not self._allocate_admitted(req, num_computed, num_new, hits):
                 break
             self.waiting.popleft()
             if req.first_scheduled_time is None:
@@ -122,6 +103,15 @@ class ContinuousScheduler(Scheduler):
                                              block_table=self.blocks.block_table(req.request_id)))
             budget -= num_new
         return out
+
+    def _tokens_held(self, req: Request) -> int:
+        """The most KV positions the request holds at once (what must fit the pool for it to ever run)."""
+        return req.max_total_tokens
+
+    def _allocate_admitted(self, req: Request, num_computed: int, num_new: int, hits: list[int]) -> bool:
+        """Blocks for a request being admitted (its prefix-cache hits taken); False, changing nothing, if none."""
+        # A new sequence's table shares no block yet, so there is nothing to copy on write.
+        return self.blocks.allocate_slots(req.request_id, num_computed, num_new, hits) is not None
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Free the request's blocks and put it back at the head of the queue, to recompute later."""
@@ -138,3 +128,17 @@ class ContinuousScheduler(Scheduler):
 
     def _release_kv(self, req: Request) -> None:
         self.blocks.free(req.request_id)
+
+    def kv_holdings(self) -> dict[str, list[int]]:
+        """Each running request's block table."""
+        return {rid: list(t) for rid, t in self.blocks.tables.items()}
+
+    def kv_blocks(self) -> dict[int, tuple[int, int]]:
+        """Blocks held by some table: (tokens written or being written, refcount)."""
+        bm = self.blocks
+        return {b: (bm.fill[b], bm.ref_count[b]) for t in bm.tables.values() for b in t}
+
+    def describe(self) -> str:
+        """Pool size, block size, prefix caching."""
+        return (f"paged pool of {self.layout.num_usable_blocks} blocks x {self.layout.block_size} tokens (block 0 is "
+                f"the null block), prefix caching {'on' if self.blocks.enable_prefix_caching else 'off'}")

@@ -9,10 +9,10 @@ still processing their prompt. With num_parallel = 1 that is strictly one reques
 from __future__ import annotations
 
 from reference.batch import ScheduledChunk, SchedulerOutput
-from reference.block_manager import KVUsage
 from reference.errors import ConfigError
+from reference.layout import KVUsage, SlotLayout
 from reference.request import Request
-from reference.schedulers.base import Scheduler, SlotLayout
+from reference.schedulers.base import Scheduler
 
 
 class SequentialScheduler(Scheduler):
@@ -73,3 +73,15 @@ class SequentialScheduler(Scheduler):
 
     def _release_kv(self, req: Request) -> None:
         self.free_slots.append(self.slot_of.pop(req.request_id))
+
+    def kv_usage_perc(self) -> float:
+        """llama.cpp's KV usage ratio: slots are reserved at load, so it counts the cells holding tokens."""
+        return self.kv_usage().stored_fraction
+
+    def kv_holdings(self) -> dict[str, list[int]]:
+        """Each running request's slot."""
+        return {rid: [slot] for rid, slot in self.slot_of.items()}
+
+    def describe(self) -> str:
+        """Slots and their size."""
+        return f"{self.layout.num_slots} slots x {self.layout.max_len} tokens reserved at load"

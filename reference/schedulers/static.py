@@ -10,10 +10,10 @@ the difference is small and stated here rather than hidden).
 from __future__ import annotations
 
 from reference.batch import ScheduledChunk, SchedulerOutput
-from reference.block_manager import KVUsage
 from reference.errors import ConfigError
+from reference.layout import KVUsage, SlotLayout
 from reference.request import Outcome, Request, Status
-from reference.schedulers.base import Scheduler, SlotLayout
+from reference.schedulers.base import Scheduler
 
 
 class StaticScheduler(Scheduler):
@@ -99,3 +99,11 @@ class StaticScheduler(Scheduler):
     def _release_kv(self, req: Request) -> None:
         self.batch.remove(req)
         self.slot_of.pop(req.request_id, None)
+
+    def kv_holdings(self) -> dict[str, list[int]]:
+        """Each member of the running batch's slot (finished members keep theirs until the batch ends)."""
+        return {r.request_id: [self.slot_of[r.request_id]] for r in self.batch if r.request_id in self.slot_of}
+
+    def describe(self) -> str:
+        """Batch size and KV capacity."""
+        return f"static batches of up to {self.layout.num_slots}, {self.capacity} KV token slots"

@@ -1,50 +1,16 @@
-"""`servesim hardware` and `servesim steptime`: the presets, and one step's predicted time with its reasons.
-
-Click commands only; the lead wires them into the `servesim` group. Bad input (ConfigError)
-becomes a click.UsageError: one clean line, never a traceback.
-"""
+"""`servesim steptime`: one step's predicted time, broken down into weights, KV reads, compute, communication, overhead."""
 from __future__ import annotations
 
 import json
 
 import click
 
+from reference.batch import StepShape
 from reference.config import PRESETS, get_preset
 from reference.errors import ConfigError
-from sim import formats
-from sim.costmodel import (DEFAULT_COMPUTE_EFFICIENCY, DEFAULT_MEM_EFFICIENCY, RooflineCostModel, StepShape,
-                           with_field)
-from sim.hardware import HARDWARE, get_hardware
-
-
-@click.command("hardware")
-@click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
-def hardware_command(as_json: bool) -> None:
-    """List hardware presets with their datasheet figures (dense tensor-core peaks)."""
-    rows = []
-    for h in HARDWARE.values():
-        rows.append({
-            "name": h.name, "memory_gb": h.memory_gb, "bandwidth_tb_s": h.memory_bw / 1e12,
-            "bf16_tflops": h.bf16_flops / 1e12, "fp8_tflops": h.fp8_flops / 1e12, "fp4_tflops": h.fp4_flops / 1e12,
-            "int8_tops": h.int8_ops / 1e12, "interconnect": h.interconnect,
-            "interconnect_gb_s": h.interconnect_bw / 1e9, "source": h.source,
-        })
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    header = (f"{'name':<12} {'mem GB':>6} {'BW TB/s':>7} {'bf16 TF':>8} {'fp8 TF':>7} {'fp4 TF':>7} "
-              f"{'link GB/s':>9}  link")
-    click.echo(header)
-    click.echo("-" * len(header))
-    for r in rows:
-        fp8 = f"{r['fp8_tflops']:7.0f}" if r["fp8_tflops"] else f"{'-':>7}"
-        fp4 = f"{r['fp4_tflops']:7.0f}" if r["fp4_tflops"] else f"{'-':>7}"
-        link = f"{r['interconnect_gb_s']:9.0f}" if r["interconnect_gb_s"] else f"{'-':>9}"
-        click.echo(f"{r['name']:<12} {r['memory_gb']:6.0f} {r['bandwidth_tb_s']:7.3f} {r['bf16_tflops']:8.1f} "
-                   f"{fp8} {fp4} {link}  {r['interconnect'] or 'none'}")
-    click.echo("\nSources (dense figures; interconnect is the bidirectional datasheet total):")
-    for r in rows:
-        click.echo(f"  {r['name']}: {r['source']}")
+from sim.core import formats
+from sim.core.hardware import HARDWARE, get_hardware
+from sim.core.roofline import DEFAULT_COMPUTE_EFFICIENCY, DEFAULT_MEM_EFFICIENCY, RooflineCostModel
 
 
 # ConfigError fields -> the option a user typed.
@@ -75,7 +41,7 @@ _OPTION_OF_FIELD = {"model": "--model", "hardware": "--hardware", "weight_format
               help="Fraction of peak FLOP/s reached.")
 @click.option("--overhead-ms", default=None, type=float, help="Fixed per-step overhead (ms); default: the hardware's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as JSON.")
-def steptime_command(model_name, hardware_name, weight_format, kv_dtype, tp, prefill_tokens, cached_context,
+def command(model_name, hardware_name, weight_format, kv_dtype, tp, prefill_tokens, cached_context,
                      decode_seqs, context, mem_efficiency, compute_efficiency, overhead_ms, as_json) -> None:
     """Predict one engine step's time on a roofline, with its breakdown and the bound that dominates."""
     try:
@@ -98,7 +64,7 @@ def steptime_command(model_name, hardware_name, weight_format, kv_dtype, tp, pre
         shape = StepShape.decode(decode_seqs, context) + StepShape.prefill(prefill_tokens, cached_context)
     except ConfigError as e:
         option = _OPTION_OF_FIELD.get(e.field, e.field)
-        raise click.UsageError(str(with_field(e, option))) from None
+        raise click.UsageError(str(e.renamed(option))) from None
     cost = cm.step_time(shape)
     peak_flops = hw.peak_flops(cm.compute_dtype)
     result = {

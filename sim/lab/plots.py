@@ -2,7 +2,7 @@
 
     plot_results(DIR) -> [DIR/figures/throughput.png, e2el_p99.png, ttft.png, kv_usage.png]
 
-Reads DIR/summary.json and DIR/requests.csv (sim.metrics.load_results), DIR/timeseries.csv
+Reads DIR/summary.json and DIR/requests.csv (sim.lab.metrics.load_results), DIR/timeseries.csv
 (the simulator's per-replica samples; the KV figure is skipped without it) and, for titles,
 DIR/experiment.toml. The load axis is the swept variable: closed-loop concurrency, or the
 open-loop request rate (an infinite rate, "everything at once", sits one step right of the
@@ -10,7 +10,7 @@ largest finite rate, labelled inf); a trace has no load axis, so engines become 
 is logarithmic when its values span more than 10x. Points of cells where some requests failed
 (refused or timed out) are drawn hollow: their latency statistics cover survivors only.
 
-matplotlib with the Agg backend (files only, no display); plain Python otherwise, no JAX.
+matplotlib figures written to files (no pyplot, no display); plain Python otherwise, no JAX.
 """
 from __future__ import annotations
 
@@ -18,22 +18,16 @@ import math
 import tomllib
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from sim.metrics import load_results
+from sim.lab.figures import subplots
+from sim.lab.metrics import load_results
 
 FIGURES = ("throughput", "e2el_p99", "ttft", "kv_usage")
 LOG_SPAN = 10.0  # use a log axis when max / min of positive values exceeds this
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _title(directory: Path) -> str:
@@ -110,8 +104,6 @@ def _engines(summary: pd.DataFrame) -> list[str]:
 
 
 def _colors(engines: list[str]) -> dict[str, str]:
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab10"]
     return {e: cmap(i % 10) for i, e in enumerate(engines)}
 
@@ -131,7 +123,6 @@ def _maybe_log_y(ax, values) -> None:
 
 def _plain_log_labels(axis, decades: float) -> None:
     """Tick labels 20, 500, 0.05 instead of 2x10^1 on a log axis; minor ticks labelled over < 2 decades."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:,.10g}")
     axis.set_major_formatter(plain)
@@ -231,7 +222,7 @@ def _kv_fractions(series: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndar
         return times, np.where(capacity > 0, reserved / capacity, 0.0), np.where(capacity > 0, stored / capacity, 0.0)
 
 
-def _plot_kv(plt, series: pd.DataFrame, summary: pd.DataFrame, colors: dict, path: Path, title: str) -> Path | None:
+def _plot_kv(series: pd.DataFrame, summary: pd.DataFrame, colors: dict, path: Path, title: str) -> Path | None:
     cells = []
     labels = series["cell"].astype(str).unique()
     for engine in _engines(summary):
@@ -240,7 +231,7 @@ def _plot_kv(plt, series: pd.DataFrame, summary: pd.DataFrame, colors: dict, pat
             cells.append((engine, max(mine, key=_cell_load)))
     if not cells:
         return None
-    fig, axes = plt.subplots(len(cells), 1, figsize=(8, 1.2 + 2.1 * len(cells)), sharex=False, squeeze=False)
+    fig, axes = subplots(len(cells), 1, figsize=(8, 1.2 + 2.1 * len(cells)), sharex=False, squeeze=False)
     for ax, (engine, cell) in zip(axes[:, 0], cells):
         t, reserved, stored = _kv_fractions(series[series["cell"].astype(str) == cell])
         ax.step(t, 100 * reserved, where="post", color=colors[engine], linewidth=1.4, label="reserved")
@@ -256,7 +247,6 @@ def _plot_kv(plt, series: pd.DataFrame, summary: pd.DataFrame, colors: dict, pat
     fig.suptitle(f"{title}\nKV cache use at the highest load of each engine (% of the pool / slots)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -268,7 +258,6 @@ def plot_results(directory: str | Path) -> list[Path]:
     _, summary = load_results(d)
     if summary.empty or "engine" not in summary:
         return []
-    plt = _pyplot()
     out = d / "figures"
     out.mkdir(parents=True, exist_ok=True)
     title = _title(d)
@@ -279,7 +268,7 @@ def plot_results(directory: str | Path) -> list[Path]:
     written: list[Path] = []
 
     def figure():
-        return plt.subplots(figsize=(7.5, 4.8))
+        return subplots(figsize=(7.5, 4.8))
 
     # Output throughput
     fig, ax = figure()
@@ -293,7 +282,6 @@ def plot_results(directory: str | Path) -> list[Path]:
             ax.set_ylim(bottom=0)
     ax.set_ylabel("Output throughput (tokens/s)")
     written.append(_finish(fig, ax, out / "throughput.png", title, "Output token throughput", note=note))
-    plt.close(fig)
 
     # p99 end-to-end latency
     fig, ax = figure()
@@ -307,7 +295,6 @@ def plot_results(directory: str | Path) -> list[Path]:
             ax.set_ylim(bottom=0)
     ax.set_ylabel("p99 end-to-end latency (s)")
     written.append(_finish(fig, ax, out / "e2el_p99.png", title, "p99 end-to-end latency (E2EL)", note=note))
-    plt.close(fig)
 
     # TTFT: mean (solid) and p99 (dashed)
     fig, ax = figure()
@@ -323,7 +310,6 @@ def plot_results(directory: str | Path) -> list[Path]:
     ax.set_ylabel("Time to first token (ms)")
     subtitle = "Time to first token: mean and p99" + ("" if axis.kind == "none" else " (dashed)")
     written.append(_finish(fig, ax, out / "ttft.png", title, subtitle, note=note))
-    plt.close(fig)
 
     # KV usage over time
     ts_path = d / "timeseries.csv"
@@ -331,7 +317,7 @@ def plot_results(directory: str | Path) -> list[Path]:
         series = pd.read_csv(ts_path)
         needed = {"cell", "replica", "time_s", "kv_reserved_tokens", "kv_stored_tokens", "kv_capacity_tokens"}
         if needed <= set(series.columns) and len(series):
-            p = _plot_kv(plt, series, summary, colors, out / "kv_usage.png", title)
+            p = _plot_kv(series, summary, colors, out / "kv_usage.png", title)
             if p is not None:
                 written.append(p)
     return written

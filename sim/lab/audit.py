@@ -12,7 +12,7 @@ format on a given device (datasheet peaks, efficiency 1.0, nothing else charged)
     VRAM                       >= W                                     (the weights must be resident)
     max concurrent             <= (memory - W) / (tokens per request x kv)
 
-W = weight bytes (sim.formats: the format's bits, embeddings as checkpoints store them), BW =
+W = weight bytes (sim.core.formats: the format's bits, embeddings as checkpoints store them), BW =
 memory bandwidth, kv = K/V bytes per token, ctx = the mean context a decode step reads over a
 request's life (prompt + (out + 1) / 2), B = concurrent streams (closed-loop clients; for an
 open-loop cell, the engine's largest batch). A published figure on the wrong side of its bound
@@ -29,13 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
 from reference.config import ModelConfig
-from sim import formats
-from sim.costmodel import StepPhysics
-from sim.experiment import ContinuousEngine, EngineConfig, Experiment, SequentialEngine, StaticEngine
-from sim.hardware import Hardware
+from sim.core import formats
+from sim.core.costmodel import StepPhysics
+from sim.core.hardware import Hardware
+from sim.lab.experiment import EngineConfig, Experiment
 
 THROUGHPUT_METRICS = {"output_throughput": "output", "total_token_throughput": "total",
                       "request_throughput": "requests"}
@@ -232,39 +231,15 @@ class Physics:
 
 def mean_lengths(exp: Experiment, samples: int = 4096) -> tuple[float, float]:
     """Mean prompt and output tokens of the experiment's requests (shared prefix included)."""
-    w = exp.workload
-    if w.kind == "trace":
-        from sim.workload import read_trace
-        _, p, o = read_trace(w.path)
-        prompt, output = float(np.mean(p)), float(np.mean(o))
-    else:
-        rng = np.random.default_rng(0)
-        prompt = float(np.mean(w.prompt_tokens.sample(rng, samples)))
-        output = float(np.mean(w.output_tokens.sample(rng, samples)))
-    if w.shared_prefix is not None:
-        prompt += w.shared_prefix.fraction * w.shared_prefix.tokens
-    return prompt, output
-
-
-def engine_max_batch(engine: EngineConfig) -> int:
-    """The most sequences the engine computes in one step."""
-    if isinstance(engine, ContinuousEngine):
-        return engine.max_num_seqs
-    if isinstance(engine, SequentialEngine):
-        return engine.num_parallel
-    if isinstance(engine, StaticEngine):
-        return engine.max_batch_size
-    return 1
+    return exp.workload.mean_lengths(samples)
 
 
 def physics_for(exp: Experiment, engine: EngineConfig) -> Physics | None:
     """The physics of the engine's weights on the experiment's hardware, or None without a device."""
-    from sim.simulate import hardware_of
-
-    hw = hardware_of(exp)
+    hw = exp.hardware_model
     if hw is None:
         return None
-    return Physics(exp.model_config, hw, engine.weights, engine.kv_dtype, exp.hardware.tp * exp.hardware.replicas)
+    return Physics(exp.model_spec, hw, engine.weights, engine.kv_dtype, exp.hardware.tp * exp.hardware.replicas)
 
 
 def _latency_kind(metric: str) -> tuple[str, str] | None:
@@ -293,7 +268,7 @@ def bound_for(exp: Experiment, metric: str, engine: str, concurrency: int | None
         return None
     prompt, output = mean_lengths(exp)
     if metric in THROUGHPUT_METRICS:
-        streams = concurrency if concurrency is not None else engine_max_batch(eng)
+        streams = concurrency if concurrency is not None else eng.max_batch
         b = ph.output_throughput_bound(streams, prompt, output)
         kind = THROUGHPUT_METRICS[metric]
         if kind == "output":
@@ -362,18 +337,18 @@ class AuditRow:
         return self.bound.describe(self.published, self.unit)
 
 
-def audit_experiment(exp: Experiment) -> list[AuditRow]:
-    """Every published figure of exp held against its physical limit (figures without one included)."""
-    from sim.claims import parse_claims
+def audit_experiment(exp: Experiment, figures) -> list[AuditRow]:
+    """Every published figure (sim.lab.claims.Figure, parsed from exp) held against its physical limit.
 
-    claims = parse_claims(exp)
+    Figures without one are included, with no bound.
+    """
     rows = []
-    for f in claims.figures:
+    for f in figures:
         b = None
         if f.audit and f.ratio_to is None:
             b = bound_for(exp, f.metric, f.engine, f.concurrency, f.rate, f.tokens_per_request)
             if b is not None:
-                b = _in_unit(b, f.unit)
+                b = in_unit(b, f.unit)
         rows.append(AuditRow(f.id, f.claim, f.engine, f.cell_label, f.metric, f.point_value, f.unit, b))
     return rows
 
@@ -381,7 +356,7 @@ def audit_experiment(exp: Experiment) -> list[AuditRow]:
 _UNIT_SCALE = {("s", "ms"): 1e3, ("ms", "s"): 1e-3, ("GB", "GiB"): 1e9 / 2 ** 30, ("tok/s", "tok/s"): 1.0}
 
 
-def _in_unit(b: Bound, unit: str) -> Bound:
+def in_unit(b: Bound, unit: str) -> Bound:
     """The bound expressed in the figure's unit (ms vs s), when they differ and convert."""
     if not unit or unit == b.unit:
         return b
@@ -407,20 +382,3 @@ def format_audit(exp: Experiment, rows: list[AuditRow]) -> str:
     n = sum(r.implausible for r in rows)
     lines.append(f"{n} of {len(rows)} figures exceed their physical limit.")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-import click  # noqa: E402
-
-
-@click.command("audit")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-def audit_command(config: str) -> None:
-    """Hold every published figure of CONFIG against the roofline of its hardware, model and dtype."""
-    from sim.experiment import load_experiment
-
-    exp = load_experiment(config)
-    rows = audit_experiment(exp)
-    click.echo(format_audit(exp, rows))

@@ -1,9 +1,9 @@
 """`servesim bench CONFIG --url URL`: the experiment's workload against a running server, over HTTP.
 
-The same request sequence (sim.workload: prompts as token ids, output lengths as max_tokens
+The same request sequence (sim.lab.workload: prompts as token ids, output lengths as max_tokens
 with ignore_eos) as `servesim bench` and `servesim run`, sent as streaming /v1/completions
 requests with aiohttp; TTFT, ITL and E2E are measured on the client (send -> first token
-chunk -> last chunk), as vLLM's benchmark_serving does, and written through sim.metrics to
+chunk -> last chunk), as vLLM's benchmark_serving does, and written through sim.lab.metrics to
 the same requests.csv / summary.json. The server runs one engine, so there is one cell per
 load of the workload (clients or rates), labelled with the engine the server reports in
 /v1/models (servesim_engine), else "http".
@@ -20,14 +20,15 @@ import json
 import time
 from pathlib import Path
 
+import aiohttp
 import pandas as pd
 
 from reference.request import Outcome, Request, SamplingParams
-from sim.experiment import Cell, Experiment
-from sim.metrics import ResultsWriter
-from sim.workload import ClosedLoopWorkload, RequestSpec, build_workload
+from sim.lab.experiment import Cell, Experiment
+from sim.lab.metrics import ResultsWriter
+from sim.lab.workload import ClosedLoopWorkload, RequestSpec
 
-WARMUP_REQUESTS_PER_CLIENT = 1  # as reference.bench
+WARMUP_REQUESTS_PER_CLIENT = 1  # as sim.lab.bench
 WARMUP_OPEN_LOOP_REQUESTS = 32
 
 
@@ -48,7 +49,6 @@ class _Client:
         return time.perf_counter() - self.t0
 
     async def send(self, spec: RequestSpec) -> Request:
-        import aiohttp
 
         req = Request(spec.request_id, spec.prompt_token_ids, SamplingParams(max_tokens=int(spec.max_tokens)),
                       arrival_time=self.now())
@@ -142,11 +142,9 @@ async def _run_cell(exp: Experiment, cell: Cell, base_url: str, model: str, on_f
 
     Returns the wall time (s).
     """
-    import aiohttp
-
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
-        wl = build_workload(exp, cell)
+        wl = exp.workload.build(exp.seed, exp.model_spec.vocab_size, cell.load)
         client = _Client(session, base_url, model, time.perf_counter(), wl.timeout_s)
         sink = (lambda r, c: None) if warm else on_finish
         if isinstance(wl, ClosedLoopWorkload):
@@ -157,8 +155,6 @@ async def _run_cell(exp: Experiment, cell: Cell, base_url: str, model: str, on_f
 
 
 async def _get_json(base_url: str, path: str) -> dict:
-    import aiohttp
-
     async with aiohttp.ClientSession() as s, s.get(base_url + path) as r:
         r.raise_for_status()
         return await r.json()
@@ -166,7 +162,6 @@ async def _get_json(base_url: str, path: str) -> dict:
 
 async def _scrape(base_url: str, name: str) -> float | None:
     """The sum of a metric's samples in the server's /metrics (None if unavailable)."""
-    import aiohttp
 
     root = base_url[: -len("/v1")]
     try:
@@ -196,8 +191,7 @@ def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resum
     writer = ResultsWriter(out, resume=resume)
     (out / "experiment.toml").write_text(exp.to_toml())
     w = exp.workload
-    cells = [Cell(label, concurrency=load) if w.kind == "closed_loop" else Cell(label) if w.kind == "trace"
-             else Cell(label, request_rate=load) for load in w.loads]
+    cells = [Cell(label, **w.cell_fields(load)) for load in w.loads]
     todo = [c for c in cells if not writer.is_done(c.engine, c.concurrency, c.request_rate)]
     if len(todo) < len(cells):
         echo(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done in {out}")

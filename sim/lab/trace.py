@@ -1,7 +1,7 @@
 """`servesim trace`: a step-by-step account of a small scenario, from the real scheduler in the simulator.
 
-One replica (sim.replica.Replica) drives the very scheduler object the reference engine uses
-(sim.engines.build_scheduler) with a simulated clock; a hook on every step compares the KV state
+One replica (sim.core.replica.Replica) drives the very scheduler object the reference engine uses
+(its engine kind builds it) with a simulated clock; a hook on every step compares the KV state
 with the previous step's and records what changed:
 
     step 7  t=  3.10 ms  (+0.41 ms)  batch: r0 decode@13, r2 prefill 0:9   (2 seqs, 10 tokens)
@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import copy
+import tomllib
+
 from reference.batch import SchedulerOutput
-from reference.schedulers import ContinuousScheduler, SequentialScheduler, StaticScheduler
-from sim.engines import build_scheduler
-from sim.experiment import Cell, Experiment
-from sim.metrics import CellAccumulator
-from sim.simulate import simulate_cell
+from reference.errors import ConfigError
+from reference.layout import PagedLayout
+from sim.lab.experiment import Cell, Experiment, parse_experiment
+from sim.lab.metrics import CellAccumulator
+from sim.lab.simulate import simulate_cell
 
 
 @dataclass
@@ -52,7 +55,7 @@ class StepRecord:
 
 
 def _kind(chunk) -> str:
-    """decode, prefill, or recompute (a prompt-and-output chunk of a request preempted earlier)."""
+    """decode (one token), prefill, or recompute (a chunk of a request preempted earlier, which has output)."""
     if chunk.is_decode:
         return "decode"
     return "recompute" if chunk.request.num_output_tokens > 0 else "prefill"
@@ -70,17 +73,9 @@ class StepTracer:
         self.refused: list[tuple[float, str, str]] = []  # (time, request, reason): turned away at arrival
 
     def _snapshot(self) -> tuple[dict[str, list[int]], dict[int, int], dict[int, int]]:
-        s = self.scheduler
-        if isinstance(s, ContinuousScheduler):
-            bm = s.blocks
-            tables = {rid: list(t) for rid, t in bm.tables.items()}
-            used = {b for t in tables.values() for b in t}
-            return tables, {b: bm.fill[b] for b in used}, {b: bm.ref_count[b] for b in used}
-        if isinstance(s, SequentialScheduler):
-            return {rid: [slot] for rid, slot in s.slot_of.items()}, {}, {}
-        if isinstance(s, StaticScheduler):
-            return {r.request_id: [s.slot_of[r.request_id]] for r in s.batch if r.request_id in s.slot_of}, {}, {}
-        return {}, {}, {}
+        blocks = self.scheduler.kv_blocks()
+        return (self.scheduler.kv_holdings(), {b: fill for b, (fill, _) in blocks.items()},
+                {b: refs for b, (_, refs) in blocks.items()})
 
     def note_finished(self, req) -> None:
         """Replica on_finish hook: remember why a request left (its blocks go at the next step)."""
@@ -96,11 +91,12 @@ class StepTracer:
         rec.preempted = sorted(preempted, key=_rid_key)
         self._diff_frees(rec, tables, preempted)
         starts = {c.request.request_id: c.start for c in out.chunks}
-        paged = isinstance(self.scheduler, ContinuousScheduler)
+        layout = self.scheduler.layout
+        paged = isinstance(layout, PagedLayout)
         for rid, new in tables.items():
             old = self._prev.get(rid)
             if old is None:  # admitted this step: its first blocks may come from the prefix cache
-                hits = starts.get(rid, 0) // self.scheduler.blocks.block_size if paged else 0
+                hits = starts.get(rid, 0) // layout.block_size if paged else 0
                 shared, fresh = new[:hits], new[hits:]
             else:
                 shared, fresh = [], [b for b in new if b not in old]
@@ -113,7 +109,7 @@ class StepTracer:
         u = self.scheduler.kv_usage()
         rec.reserved_tokens, rec.stored_tokens, rec.capacity_tokens = u.reserved_tokens, u.stored_tokens, \
             u.capacity_tokens
-        if not isinstance(self.scheduler, ContinuousScheduler):  # slots count tokens once computed: include this step's
+        if not paged:  # slots count tokens once computed: include this step's
             in_step = {c.request.request_id: c.end for c in out.chunks}
             rec.stored_tokens = sum(in_step.get(r.request_id, r.num_computed_tokens) for r in self.scheduler.running)
         rec.running, rec.waiting = self.scheduler.num_running, self.scheduler.num_waiting
@@ -163,27 +159,19 @@ def trace_cell(exp: Experiment, engine: str | None = None, load=None) -> tuple[l
     """Simulate one cell of exp (default: the first engine, the first load) and record every step.
 
     Returns (records, scheduler); requests refused at arrival are in scheduler.trace_refused as
-    (time, request, reason). The cell runs through sim.simulate.simulate_cell, so the workload
+    (time, request, reason). The cell runs through sim.lab.simulate.simulate_cell, so the workload
     (timeouts and concurrency caps included) is driven exactly as in `servesim run`.
     """
     eng = exp.engine(engine) if engine else exp.engines[0]
     w = exp.workload
-    load = w.loads[0] if load is None else load
-    if w.kind == "closed_loop":
-        cell = Cell(eng.name, concurrency=int(load))
-    elif w.kind == "trace":
-        cell = Cell(eng.name)
-    else:
-        cell = Cell(eng.name, request_rate=float(load))
+    if load is None:
+        load = w.loads[0]
+    elif float(load).is_integer():  # --load 4: four clients, or 4 req/s
+        load = int(load)
+    cell = Cell(eng.name, **w.cell_fields(load))
     tracers = []
-
-    def make_scheduler(engine, plan):
-        sched = build_scheduler(engine, plan)
-        tracers.append(StepTracer(sched))
-        return sched
-
     facts = simulate_cell(exp, cell, CellAccumulator(eng.name, cell.concurrency, cell.request_rate),
-                          sample_interval_s=1e9, make_scheduler=make_scheduler,
+                          sample_interval_s=1e9, on_scheduler=lambda s: tracers.append(StepTracer(s)),
                           on_step=lambda *step: tracers[0](*step),
                           on_request=lambda req: tracers[0].note_finished(req))
     tracer = tracers[0]
@@ -243,7 +231,7 @@ def format_step(rec: StepRecord, paged: bool = True) -> str:
 
 def format_trace(records: list[StepRecord], scheduler, steps: int | None = None) -> str:
     """The first `steps` records as text, then the run's totals."""
-    paged = isinstance(scheduler, ContinuousScheduler)
+    paged = isinstance(scheduler.layout, PagedLayout)
     shown = records if steps is None else records[:steps]
     out = [f"refused    {rid} at t={t * 1e3:.2f} ms: {why}" for t, rid, why in getattr(scheduler, "trace_refused", [])]
     out += [format_step(r, paged) for r in shown]
@@ -265,25 +253,11 @@ def format_trace(records: list[StepRecord], scheduler, steps: int | None = None)
 
 def describe_scenario(exp: Experiment, scheduler, engine: str) -> str:
     """One header paragraph: engine, pool, workload."""
-    if isinstance(scheduler, ContinuousScheduler):
-        bm = scheduler.blocks
-        pool = (f"paged pool of {bm.num_usable_blocks} blocks x {bm.block_size} tokens (block 0 is the null block), "
-                f"reservation={scheduler.reservation}, prefix caching {'on' if bm.enable_prefix_caching else 'off'}")
-    elif isinstance(scheduler, SequentialScheduler):
-        pool = f"{scheduler.layout.num_slots} slots x {scheduler.layout.max_len} tokens reserved at load"
-    else:
-        pool = f"static batches of up to {scheduler.layout.num_slots}, {scheduler.capacity} KV token slots"
-    return f"{exp.name}: engine {engine} ({type(scheduler).__name__}), {pool}"
+    return f"{exp.name}: engine {engine} ({type(scheduler).__name__}), {scheduler.describe()}"
 
 
 def with_overrides(exp: Experiment, overrides) -> Experiment:
     """exp with each "dotted.key=value" applied (value in TOML syntax: 8, true, "request")."""
-    import copy
-    import tomllib
-
-    from reference.errors import ConfigError
-    from sim.experiment import parse_experiment
-
     if not overrides:
         return exp
     doc = copy.deepcopy(exp.to_dict())
@@ -303,28 +277,3 @@ def with_overrides(exp: Experiment, overrides) -> Experiment:
                 raise ConfigError("--set", f"{k!r} in {key!r} is not a table", "a dotted key of the config")
         node[parts[-1]] = value
     return parse_experiment(doc, base_dir=exp.base_dir, source=exp.source)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-import click  # noqa: E402
-
-
-@click.command("trace")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False), default="experiments/trace_small.toml",
-                required=False)
-@click.option("--steps", type=int, default=None, help="Print only the first N steps (totals still cover all).")
-@click.option("--engine", default=None, help="Engine of the config to trace (default: the first).")
-@click.option("--load", type=float, default=None, help="Clients or request rate (default: the config's first).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Change one key of the config first, e.g. --set engines.paged.block_size=8 (repeatable).")
-def trace_command(config: str, steps: int | None, engine: str | None, load: float | None,
-                  overrides: tuple[str, ...]) -> None:
-    """Print a step-by-step account of a small scenario: batch, blocks allocated, shared, freed, preempted."""
-    from sim.experiment import load_experiment
-
-    exp = with_overrides(load_experiment(config), overrides)
-    records, sched = trace_cell(exp, engine, load)
-    click.echo(describe_scenario(exp, sched, engine or exp.engines[0].name))
-    click.echo(format_trace(records, sched, steps))

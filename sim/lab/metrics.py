@@ -41,14 +41,15 @@ import os
 import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from typing import Annotated
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
-from reference.errors import ConfigError
 from reference.request import Request
+from sim.lab.schema import ConfigModel, Number, finite
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 STATS = (("mean", None), ("median", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0))
@@ -71,22 +72,20 @@ _STR_COLUMNS = ("engine", "request_id", "outcome", "reason", "token_times_s")
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class SLO:
+class SLO(ConfigModel):
     """Service-level objectives for goodput (ms); None = not constrained."""
 
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    e2el_ms: float | None = None
+    ttft_ms: Annotated[Number, Field(gt=0)] | None = None
+    tpot_ms: Annotated[Number, Field(gt=0)] | None = None
+    e2el_ms: Annotated[Number, Field(gt=0)] | None = None
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _finite(self):
         for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
             v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or math.isinf(v):
-                raise ConfigError(name, f"must be a positive number of milliseconds, got {v!r}", "numbers > 0")
-            object.__setattr__(self, name, float(v))
+            if v is not None:
+                object.__setattr__(self, name, finite(float(v), name))
+        return self
 
     @property
     def is_empty(self) -> bool:
@@ -95,7 +94,7 @@ class SLO:
 
     def to_dict(self) -> dict:
         """The set objectives."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return self.model_dump(exclude_none=True)
 
 
 # ---------------------------------------------------------------------------------------

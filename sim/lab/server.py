@@ -53,8 +53,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from reference.engine import Engine
 from reference.errors import ConfigError
 from reference.request import Outcome, Request, SamplingParams, Status
-from reference.schedulers import SequentialScheduler
 from reference.tokenizer import ByteTokenizer, TextStream
+from sim.lab.bench import make_runner
 
 log = logging.getLogger("servesim.server")
 
@@ -74,15 +74,12 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 def build_engine(exp, engine_name: str | None = None, *, params=None, runner_options: dict | None = None):
     """(Engine, EngineConfig) for one engine table of exp (the first when engine_name is None).
 
-    The scheduler and KV capacity come from sim.engines as in `servesim bench`; runner_options
+    The engine kind plans its KV memory and builds its scheduler as in `servesim bench`; runner_options
     go to ModelRunner (min_seqs, min_tokens, min_blocks: larger buckets mean fewer compilations).
     """
-    from reference.bench import make_runner
-    from sim.engines import build_scheduler, plan_memory
-
     cfg = exp.engine(engine_name) if engine_name else exp.engines[0]
-    scheduler = build_scheduler(cfg, plan_memory(cfg, exp.model_config, None, 1, exp.dtype))
-    return Engine(scheduler, make_runner(exp, scheduler.layout, params, **(runner_options or {}))), cfg
+    scheduler = cfg.build_scheduler(exp.plan(cfg))
+    return Engine(scheduler, make_runner(exp, cfg, params, **(runner_options or {}))), cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,10 +179,11 @@ class EngineLoop:
     ("error", message). They are batched per loop iteration into one call_soon_threadsafe.
     """
 
-    def __init__(self, engine: Engine, *, warmup: bool = True):
+    def __init__(self, engine: Engine, context_len: int, *, warmup: bool = True):
+        """context_len: the most tokens one request may hold (tokens)."""
         self.engine = engine
+        self.context_len = context_len
         self.scheduler = engine.scheduler
-        self.engine.record_steps = True  # the list is cleared every step; it tells whether a step ran
         self.metrics = ServerMetrics()
         self.gauges: tuple[int, int, float] = (0, 0, 0.0)
         self.ready = False
@@ -266,12 +264,11 @@ class EngineLoop:
 
     def _warmup(self) -> None:
         """Compile the smallest prefill and decode shapes before the first client waits for them."""
-        ctx = getattr(self.scheduler.layout, "max_len", None) or self.scheduler.max_model_len
+        ctx = self.context_len
         n = min(8, ctx - 2)
         if n >= 1:
             vocab = self.engine.runner.cfg.vocab_size
             self.engine.generate([[(7 * i + 11) % vocab for i in range(n)]], SamplingParams(max_tokens=2))
-        self.engine.steps.clear()
 
     def _add(self, subs: list[_Sub], events: list) -> None:
         now = self.engine.now()
@@ -300,9 +297,8 @@ class EngineLoop:
 
     def _step(self, events: list) -> bool:
         """One engine step; queue the new tokens and finishes. True if a step ran."""
-        self.engine.steps.clear()
         try:
-            self.engine.step()
+            record = self.engine.step()
         except Exception as e:  # never take the server down: fail what was in flight, free its KV
             log.exception("engine step failed")
             now = self.engine.now()
@@ -326,7 +322,7 @@ class EngineLoop:
                 sub.delivered = n
             if req.status is Status.FINISHED:
                 self._finish(sub, events)
-        return bool(self.engine.steps)
+        return record is not None
 
     def _finish(self, sub: _Sub, events: list, *, stopped: bool = False) -> None:
         req = sub.req
@@ -343,12 +339,7 @@ class EngineLoop:
 
     def _publish(self) -> None:
         s = self.scheduler
-        u = s.kv_usage()
-        # Slots are reserved at load, so for llama.cpp-style slots report the cells holding
-        # tokens (llama.cpp's kv_cache_usage_ratio); paged and static: reserved share (vLLM's).
-        kv = (u.stored_tokens / u.capacity_tokens if isinstance(s, SequentialScheduler) and u.capacity_tokens
-              else u.usage_fraction)
-        self.gauges = (s.num_running, s.num_waiting, kv)
+        self.gauges = (s.num_running, s.num_waiting, s.kv_usage_perc())
 
     def _send(self, events: list) -> None:
         if not events or self._loop is None:
@@ -451,12 +442,12 @@ class ServerState:
     """What the handlers share: the engine loop, the tokenizer, the served model's name and context."""
 
     def __init__(self, engine: Engine, engine_cfg, model_name: str, *, warmup: bool = True):
-        self.loop = EngineLoop(engine, warmup=warmup)
         self.engine_cfg = engine_cfg
         self.model_name = model_name
         self.tokenizer = ByteTokenizer(engine.runner.cfg.vocab_size)
         self.vocab_size = engine.runner.cfg.vocab_size
         self.context_len = min(engine_cfg.context_len, engine.runner.cfg.max_position)
+        self.loop = EngineLoop(engine, self.context_len, warmup=warmup)
         self.created = int(time.time())
 
     # ---- parsing -------------------------------------------------------------------------

@@ -25,22 +25,21 @@ K tokens (prepended to the sampled prompt length); all other tokens are uniform 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import Annotated, ClassVar, Literal, Union
 
 import numpy as np
+import pandas as pd
+from pydantic import BeforeValidator, Field, model_validator
 
 from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
-
-if TYPE_CHECKING:  # experiment.py imports this module; only type names go the other way
-    from sim.experiment import Cell, Experiment
+from sim.lab.schema import ConfigModel, Int, Number, Str, finite
 
 BLOCK = 4096  # requests per cached block of sampled lengths
 
@@ -52,59 +51,15 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
-# ---------------------------------------------------------------------------------------
-# Validation helpers (shared with sim.experiment)
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def check_int(value, field_name: str, *, min_value: int | None = None, max_value: int | None = None) -> int:
-    """value as an int, or ConfigError naming field_name and the allowed range."""
-    lo = "" if min_value is None else f">= {min_value}"
-    hi = "" if max_value is None else f"<= {max_value}"
-    allowed = "integers " + " and ".join(s for s in (lo, hi) if s) if (lo or hi) else "integers"
-    if not _is_int(value):
-        raise ConfigError(field_name, f"must be an integer, got {value!r} ({type(value).__name__})", allowed)
-    if (min_value is not None and value < min_value) or (max_value is not None and value > max_value):
-        raise ConfigError(field_name, f"out of range, got {value!r}", allowed)
-    return int(value)
-
-
-def check_real(value, field_name: str, *, min_value: float | None = None, max_value: float | None = None,
-               min_open: bool = False, allow_inf: bool = False) -> float:
-    """value as a float, or ConfigError naming field_name and the allowed range."""
-    parts = []
-    if min_value is not None:
-        parts.append(f"{'>' if min_open else '>='} {min_value:g}")
-    if max_value is not None:
-        parts.append(f"<= {max_value:g}")
-    allowed = "numbers " + " and ".join(parts) if parts else "numbers"
-    if allow_inf:
-        allowed += " (inf allowed)"
-    if not _is_real(value):
-        raise ConfigError(field_name, f"must be a number, got {value!r} ({type(value).__name__})", allowed)
-    v = float(value)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise ConfigError(field_name, f"must be finite, got {value!r}", allowed)
-    if min_value is not None and (v < min_value or (min_open and v == min_value)):
-        raise ConfigError(field_name, f"out of range, got {value!r}", allowed)
-    if max_value is not None and v > max_value:
-        raise ConfigError(field_name, f"out of range, got {value!r}", allowed)
-    return v
-
 
 # ---------------------------------------------------------------------------------------
-# Length distributions (tokens): frozen, validated, vectorised samplers
+# Length distributions (tokens): declared tables with vectorised samplers
 
-class LengthDist:
-    """A distribution of token counts (integers >= 1). Subclasses are frozen dataclasses."""
+PositiveInt = Annotated[Int, Field(ge=1)]
 
-    kind: ClassVar[str] = ""
+
+class LengthDist(ConfigModel):
+    """A distribution of token counts (integers >= 1); `dist` names the kind."""
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """size draws as int64 (each >= 1)."""
@@ -122,22 +77,14 @@ class LengthDist:
 
     def to_dict(self) -> dict:
         """The TOML table that builds this distribution."""
-        d = {"dist": self.kind}
-        for k, v in self.__dict__.items():
-            if v is not None:
-                d[k] = list(v) if isinstance(v, tuple) else v
-        return d
+        return self.model_dump(exclude_none=True)
 
 
-@dataclass(frozen=True)
 class FixedLength(LengthDist):
     """Always `value` tokens."""
 
-    kind: ClassVar[str] = "fixed"
-    value: int
-
-    def __post_init__(self):
-        check_int(self.value, "value", min_value=1)
+    dist: Literal["fixed"] = "fixed"
+    value: PositiveInt
 
     def sample(self, rng, size):
         return np.full(size, self.value, dtype=np.int64)
@@ -151,17 +98,18 @@ class FixedLength(LengthDist):
         return self.value
 
 
-@dataclass(frozen=True)
 class UniformLength(LengthDist):
     """Uniform integers in [low, high] (both inclusive)."""
 
-    kind: ClassVar[str] = "uniform"
-    low: int
-    high: int
+    dist: Literal["uniform"] = "uniform"
+    low: PositiveInt
+    high: PositiveInt
 
-    def __post_init__(self):
-        check_int(self.low, "low", min_value=1)
-        check_int(self.high, "high", min_value=self.low)
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise ConfigError("high", f"{self.high} is below low = {self.low}", f"integers >= {self.low}")
+        return self
 
     def sample(self, rng, size):
         return rng.integers(self.low, self.high + 1, size=size, dtype=np.int64)
@@ -175,7 +123,6 @@ class UniformLength(LengthDist):
         return self.high
 
 
-@dataclass(frozen=True)
 class LognormalLength(LengthDist):
     """Lognormal token counts, rounded to integers and clipped to [min, max].
 
@@ -185,24 +132,22 @@ class LognormalLength(LengthDist):
     negligible unless mean is within a few units of 1.
     """
 
-    kind: ClassVar[str] = "lognormal"
-    sigma: float
-    mean: float | None = None
-    median: float | None = None
-    min: int = 1
-    max: int | None = None
+    dist: Literal["lognormal"] = "lognormal"
+    sigma: Annotated[Number, Field(ge=0)]
+    mean: Annotated[Number, Field(gt=0)] | None = None
+    median: Annotated[Number, Field(gt=0)] | None = None
+    min: PositiveInt = 1
+    max: PositiveInt | None = None
 
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", check_real(self.sigma, "sigma", min_value=0.0))
+    @model_validator(mode="after")
+    def _one_centre(self):
         if (self.mean is None) == (self.median is None):
             raise ConfigError("mean", "give exactly one of mean and median", "mean = <tokens> or median = <tokens>")
-        if self.mean is not None:
-            object.__setattr__(self, "mean", check_real(self.mean, "mean", min_value=0.0, min_open=True))
-        if self.median is not None:
-            object.__setattr__(self, "median", check_real(self.median, "median", min_value=0.0, min_open=True))
-        check_int(self.min, "min", min_value=1)
-        if self.max is not None:
-            check_int(self.max, "max", min_value=self.min)
+        finite(self.mean or self.median, "mean" if self.mean is not None else "median")
+        finite(self.sigma, "sigma")
+        if self.max is not None and self.max < self.min:
+            raise ConfigError("max", f"{self.max} is below min = {self.min}", f"integers >= {self.min}")
+        return self
 
     @property
     def mu(self) -> float:
@@ -225,28 +170,22 @@ class LognormalLength(LengthDist):
         return self.max if self.max is not None else math.inf
 
 
-@dataclass(frozen=True)
 class EmpiricalLength(LengthDist):
     """Draws from `values` with probabilities proportional to `weights` (equal when omitted)."""
 
-    kind: ClassVar[str] = "empirical"
-    values: tuple[int, ...]
-    weights: tuple[float, ...] | None = None
+    dist: Literal["empirical"] = "empirical"
+    values: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]
+    weights: tuple[Annotated[Number, Field(ge=0)], ...] | None = None
 
-    def __post_init__(self):
-        if not isinstance(self.values, (list, tuple)) or not self.values:
-            raise ConfigError("values", f"must be a non-empty list of integers, got {self.values!r}",
-                              "a list of integers >= 1")
-        vals = tuple(check_int(v, f"values[{i}]", min_value=1) for i, v in enumerate(self.values))
-        object.__setattr__(self, "values", vals)
+    @model_validator(mode="after")
+    def _weights_fit(self):
         if self.weights is not None:
-            if not isinstance(self.weights, (list, tuple)) or len(self.weights) != len(vals):
-                raise ConfigError("weights", f"must be a list as long as values ({len(vals)}), got {self.weights!r}",
-                                  "one number >= 0 per value")
-            w = tuple(check_real(x, f"weights[{i}]", min_value=0.0) for i, x in enumerate(self.weights))
-            if sum(w) <= 0:
-                raise ConfigError("weights", "must not all be zero", "numbers >= 0 with a positive sum")
-            object.__setattr__(self, "weights", w)
+            if len(self.weights) != len(self.values):
+                raise ConfigError("weights", f"must be a list as long as values ({len(self.values)}), got "
+                                  f"{list(self.weights)}", "one number >= 0 per value")
+            if sum(self.weights) <= 0 or any(math.isinf(w) for w in self.weights):
+                raise ConfigError("weights", "must be finite and not all zero", "numbers >= 0 with a positive sum")
+        return self
 
     def sample(self, rng, size):
         p = None
@@ -255,64 +194,45 @@ class EmpiricalLength(LengthDist):
             p = p / p.sum()
         return rng.choice(np.asarray(self.values, dtype=np.int64), size=size, p=p)
 
+    def _support(self) -> list[int]:
+        if self.weights is None:
+            return list(self.values)
+        return [v for v, w in zip(self.values, self.weights) if w > 0]
+
     @property
     def min_value(self):
-        if self.weights is None:
-            return min(self.values)
-        return min(v for v, w in zip(self.values, self.weights) if w > 0)
+        return min(self._support())
 
     @property
     def max_value(self):
-        if self.weights is None:
-            return max(self.values)
-        return max(v for v, w in zip(self.values, self.weights) if w > 0)
+        return max(self._support())
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-LENGTH_DISTS: dict[str, type[LengthDist]] = {
-    c.kind: c for c in (FixedLength, UniformLength, LognormalLength, EmpiricalLength)
-}
+Lengths = Annotated[Union[FixedLength, UniformLength, LognormalLength, EmpiricalLength], Field(discriminator="dist")]
 
 
-def length_dist_from_dict(table: dict) -> LengthDist:
-    """Build a LengthDist from its TOML table ({dist = "...", ...}); errors name the relative key."""
-    if not isinstance(table, dict):
-        raise ConfigError("", f"must be a table, got {table!r}", "a table with dist = " + " | ".join(LENGTH_DISTS))
-    kind = table.get("dist")
-    if kind is None:
-        raise ConfigError("dist", "required", " | ".join(LENGTH_DISTS))
-    if not isinstance(kind, str) or kind not in LENGTH_DISTS:
-        raise ConfigError("dist", f"unknown distribution {kind!r}", " | ".join(LENGTH_DISTS))
-    cls = LENGTH_DISTS[kind]
-    names = [f.name for f in dataclasses.fields(cls)]
-    params = {k: v for k, v in table.items() if k != "dist"}
-    unknown = [k for k in params if k not in names]
-    if unknown:
-        raise ConfigError(unknown[0], f"unknown key for dist = {kind!r}", ", ".join(["dist", *names]))
-    missing = [f for f in names if f not in params and _field_required(cls, f)]
-    if missing:
-        raise ConfigError(missing[0], f"required for dist = {kind!r}", ", ".join(names))
-    return cls(**params)
+class SharedPrefix(ConfigModel):
+    """A `fraction` of requests start with one of `num_prefixes` system prompts of `tokens` tokens."""
+
+    fraction: Annotated[Number, Field(ge=0, le=1)]
+    tokens: PositiveInt
+    num_prefixes: PositiveInt = 1
 
 
-def _field_required(cls, name: str) -> bool:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-@dataclass(frozen=True)
 class ThinkTime:
     """A closed-loop client's pause between receiving a response and sending its next request (s).
 
     dist = "fixed" (always mean_s) or "exponential" (mean mean_s).
     """
 
-    mean_s: float = 0.0
-    dist: str = "fixed"
-
-    def __post_init__(self):
-        object.__setattr__(self, "mean_s", check_real(self.mean_s, "think_time_s", min_value=0.0))
-        if self.dist not in ("fixed", "exponential"):
-            raise ConfigError("think_time_dist", f"unknown {self.dist!r}", "fixed | exponential")
+    def __init__(self, mean_s: float = 0.0, dist: str = "fixed"):
+        if dist not in ("fixed", "exponential"):
+            raise ConfigError("think_time_dist", f"unknown {dist!r}", "fixed | exponential")
+        self.mean_s, self.dist = float(mean_s), dist
 
     def sample(self, rng: np.random.Generator) -> float:
         """One pause (s)."""
@@ -321,20 +241,6 @@ class ThinkTime:
         if self.dist == "fixed":
             return self.mean_s
         return float(rng.exponential(self.mean_s))
-
-
-@dataclass(frozen=True)
-class SharedPrefix:
-    """A `fraction` of requests start with one of `num_prefixes` system prompts of `tokens` tokens."""
-
-    fraction: float
-    tokens: int
-    num_prefixes: int = 1
-
-    def __post_init__(self):
-        object.__setattr__(self, "fraction", check_real(self.fraction, "fraction", min_value=0.0, max_value=1.0))
-        check_int(self.tokens, "tokens", min_value=1)
-        check_int(self.num_prefixes, "num_prefixes", min_value=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,8 +306,9 @@ class RequestSequence:
                  output_tokens: LengthDist | None = None, shared_prefix: SharedPrefix | None = None,
                  prompt_lens: np.ndarray | None = None, output_lens: np.ndarray | None = None,
                  cache_blocks: int = 8):
-        check_int(seed, "seed", min_value=0)
-        check_int(vocab_size, "vocab_size", min_value=2)
+        if seed < 0 or vocab_size < 2:
+            raise ConfigError("seed" if seed < 0 else "vocab_size", f"out of range: seed {seed}, vocab {vocab_size}",
+                              "seed >= 0, vocab_size >= 2")
         if (prompt_lens is None) != (output_lens is None) or (prompt_lens is None) == (prompt_tokens is None):
             raise ValueError("give either both length distributions or both length arrays")
         self.seed = int(seed)
@@ -467,9 +374,10 @@ def gamma_arrivals(rate: float, burstiness: float = 1.0, seed: int = 0) -> Itera
     Like vLLM's benchmark_serving (it additionally rescales the gaps so the last arrival
     lands exactly at n/rate; we keep a plain renewal process).
     """
-    rate = check_real(rate, "rate", min_value=0.0, min_open=True, allow_inf=True)
-    burstiness = check_real(burstiness, "burstiness", min_value=0.0, min_open=True)
-    return _gamma_arrivals(rate, burstiness, seed)
+    if not rate > 0 or not 0 < burstiness < math.inf:
+        raise ConfigError("rate" if not rate > 0 else "burstiness", f"out of range: rate {rate}, burstiness "
+                          f"{burstiness}", "rate > 0 (inf allowed), burstiness > 0")
+    return _gamma_arrivals(float(rate), float(burstiness), seed)
 
 
 def _gamma_arrivals(rate: float, burstiness: float, seed: int) -> Iterator[float]:
@@ -533,7 +441,8 @@ class ClosedLoopWorkload:
 
     def __init__(self, sequence: RequestSequence, num_clients: int, *, requests_per_client: int | None = None,
                  num_requests: int | None = None, think_time: ThinkTime = ThinkTime(), timeout_s: float = 0.0):
-        check_int(num_clients, "clients", min_value=1)
+        if num_clients < 1:
+            raise ConfigError("clients", f"must be >= 1, got {num_clients}", "integers >= 1")
         if (requests_per_client is None) == (num_requests is None):
             raise ValueError("give exactly one of requests_per_client and num_requests")
         self.sequence = sequence
@@ -577,8 +486,6 @@ TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 @functools.lru_cache(maxsize=8)
 def _read_trace_cached(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    import pandas as pd
-
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError) as e:  # pandas' parser errors are ValueErrors
@@ -625,31 +532,261 @@ def read_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _read_trace_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
+
 # ---------------------------------------------------------------------------------------
-# From an experiment
-
-def request_sequence(exp: Experiment) -> RequestSequence:
-    """The experiment's request sequence (the same for every cell)."""
-    w = exp.workload
-    vocab = exp.model_config.vocab_size
-    if w.kind == "trace":
-        _, prompt, output = read_trace(w.path)
-        return RequestSequence(exp.seed, vocab, prompt_lens=prompt, output_lens=output, shared_prefix=w.shared_prefix)
-    return RequestSequence(exp.seed, vocab, prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens,
-                           shared_prefix=w.shared_prefix)
+# The [workload] table: each kind builds its drivers' view of one cell
 
 
-def build_workload(exp: Experiment, cell: Cell) -> OpenLoopWorkload | ClosedLoopWorkload:
-    """A fresh workload for one cell of the experiment (closed loop: ClosedLoopWorkload; else OpenLoopWorkload)."""
-    w = exp.workload
-    seq = request_sequence(exp)
-    if w.kind == "closed_loop":
-        return ClosedLoopWorkload(seq, cell.concurrency, requests_per_client=w.requests_per_client,
-                                  num_requests=w.num_requests, think_time=w.think_time, timeout_s=w.timeout_s)
-    if w.kind == "trace":
-        arrival, _, _ = read_trace(w.path)
-        return OpenLoopWorkload(seq, iter((arrival / w.speedup).tolist()), num_requests=w.num_requests,
-                                duration_s=w.duration_s, max_concurrency=w.max_concurrency, timeout_s=w.timeout_s)
-    burst = 1.0 if w.kind == "poisson" else w.burstiness
-    return OpenLoopWorkload(seq, gamma_arrivals(cell.request_rate, burst, exp.seed), num_requests=w.num_requests,
-                            duration_s=w.duration_s, max_concurrency=w.max_concurrency, timeout_s=w.timeout_s)
+def _as_list(value):
+    """A single value stands for a list of one (clients = 4, rates = 2.0)."""
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+def _distinct(values, field: str) -> None:
+    if len(set(values)) != len(values):
+        raise ConfigError(field, f"has duplicates: {list(values)}", "distinct values (one cell each)")
+
+
+NonNegative = Annotated[Number, Field(ge=0)]
+Rate = Annotated[Number, Field(gt=0)]  # req/s; inf = all at once
+
+
+class _WorkloadKind(ConfigModel):
+    """What every [workload] kind does: its cells, its request sequence, its drivers' workload per cell."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ()  # the kind's own keys, in the order the TOML writer prints them
+    LOAD_KEY: ClassVar[str | None] = None  # the key holding the swept loads (clients, rates; none for a trace)
+    is_closed_loop: ClassVar[bool] = False
+
+    @property
+    def loads(self) -> tuple:
+        """One entry per cell: client counts, rates, or (None,) for a trace."""
+        raise NotImplementedError
+
+    def cell_fields(self, load) -> dict:
+        """The Cell fields of one load: concurrency, request_rate, or none (trace)."""
+        raise NotImplementedError
+
+    def sequence(self, seed: int, vocab_size: int) -> RequestSequence:
+        """The experiment's request sequence (the same for every cell)."""
+        return RequestSequence(seed, vocab_size, prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+                               shared_prefix=self.shared_prefix)
+
+    def build(self, seed: int, vocab_size: int, load) -> OpenLoopWorkload | ClosedLoopWorkload:
+        """A fresh workload for one cell (load: its client count or rate)."""
+        raise NotImplementedError
+
+    def _lengths(self, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(0)
+        return self.prompt_tokens.sample(rng, samples), self.output_tokens.sample(rng, samples)
+
+    def _shortest(self) -> int:
+        return self.prompt_tokens.min_value + self.output_tokens.min_value
+
+    def min_request_tokens(self) -> int:
+        """The fewest tokens (prompt + output) a request can hold; the shared prefix counts when every request has it."""
+        shortest = self._shortest()
+        if self.shared_prefix is not None and self.shared_prefix.fraction == 1.0:
+            shortest += self.shared_prefix.tokens
+        return shortest
+
+    def mean_lengths(self, samples: int = 4096) -> tuple[float, float]:
+        """Mean prompt and output tokens of the requests (shared prefix included), from samples of the sequence."""
+        prompt, output = self._lengths(samples)
+        p = float(np.mean(prompt))
+        if self.shared_prefix is not None:
+            p += self.shared_prefix.fraction * self.shared_prefix.tokens
+        return p, float(np.mean(output))
+
+    def describe(self) -> str:
+        """The loads in words, for reports."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """The TOML table: kind, its own keys, timeout_s, the lengths, the shared prefix; None omitted."""
+        d: dict = {"kind": self.kind}
+        for name in self.KEYS + ("timeout_s",):
+            v = getattr(self, name)
+            if v is not None:
+                d[name] = list(v) if isinstance(v, tuple) else v
+        for name in ("prompt_tokens", "output_tokens"):
+            v = getattr(self, name, None)
+            if v is not None:
+                d[name] = v.to_dict()
+        if self.shared_prefix is not None:
+            d["shared_prefix"] = self.shared_prefix.model_dump()
+        return d
+
+
+class ClosedLoop(_WorkloadKind):
+    """N clients (one cell per entry of clients), each sending its next request when the last one ends."""
+
+    kind: Literal["closed_loop"]
+    clients: Annotated[tuple[PositiveInt, ...], BeforeValidator(_as_list), Field(min_length=1)]
+    requests_per_client: PositiveInt | None = None
+    num_requests: PositiveInt | None = None  # total per cell, instead of requests_per_client
+    think_time_s: NonNegative = 0.0
+    think_time_dist: Literal["fixed", "exponential"] = "fixed"
+    timeout_s: NonNegative = 0.0
+    prompt_tokens: Lengths
+    output_tokens: Lengths
+    shared_prefix: SharedPrefix | None = None
+
+    KEYS: ClassVar[tuple[str, ...]] = ("clients", "requests_per_client", "num_requests", "think_time_s",
+                                       "think_time_dist")
+    LOAD_KEY: ClassVar[str | None] = "clients"
+    is_closed_loop: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _one_count(self):
+        _distinct(self.clients, "clients")
+        if (self.requests_per_client is None) == (self.num_requests is None):
+            raise ConfigError("requests_per_client", "give exactly one of requests_per_client and num_requests",
+                              "requests_per_client = <per client> or num_requests = <total per cell>")
+        if self.num_requests is not None and self.num_requests < max(self.clients):
+            raise ConfigError("num_requests", f"{self.num_requests} is fewer than clients = {max(self.clients)}, "
+                              "so some clients would send nothing", f"integers >= {max(self.clients)}")
+        object.__setattr__(self, "think_time_s", finite(float(self.think_time_s), "think_time_s"))
+        object.__setattr__(self, "timeout_s", finite(float(self.timeout_s), "timeout_s"))
+        return self
+
+    @property
+    def think_time(self) -> ThinkTime:
+        """The closed-loop think-time sampler."""
+        return ThinkTime(self.think_time_s, self.think_time_dist)
+
+    @property
+    def loads(self):
+        return self.clients
+
+    def cell_fields(self, load):
+        return {"concurrency": load}
+
+    def describe(self):
+        each = f", {self.requests_per_client} requests each" if self.requests_per_client else ""
+        return f"closed-loop clients {', '.join(map(str, self.clients))}{each}"
+
+    def build(self, seed, vocab_size, load):
+        return ClosedLoopWorkload(self.sequence(seed, vocab_size), load, requests_per_client=self.requests_per_client,
+                                  num_requests=self.num_requests, think_time=self.think_time,
+                                  timeout_s=self.timeout_s)
+
+
+class _OpenLoop(_WorkloadKind):
+    """Requests at precomputed arrival times; fields every open-loop kind has."""
+
+    def _limits(self) -> dict:
+        return dict(num_requests=self.num_requests, duration_s=self.duration_s,
+                    max_concurrency=self.max_concurrency, timeout_s=self.timeout_s)
+
+    def _check_limits(self) -> None:
+        object.__setattr__(self, "timeout_s", finite(float(self.timeout_s), "timeout_s"))
+        if self.duration_s is not None:
+            finite(self.duration_s, "duration_s")
+
+
+class Poisson(_OpenLoop):
+    """Poisson arrivals at each of `rates` (req/s, one cell each; inf sends everything at once)."""
+
+    kind: Literal["poisson"]
+    rates: Annotated[tuple[Rate, ...], BeforeValidator(_as_list), Field(min_length=1)]
+    num_requests: PositiveInt | None = None
+    duration_s: Annotated[Number, Field(gt=0)] | None = None
+    max_concurrency: Annotated[Int, Field(ge=0)] = 0  # in-flight cap, client side (0 = none)
+    timeout_s: NonNegative = 0.0
+    prompt_tokens: Lengths
+    output_tokens: Lengths
+    shared_prefix: SharedPrefix | None = None
+
+    KEYS: ClassVar[tuple[str, ...]] = ("rates", "num_requests", "duration_s", "max_concurrency")
+    LOAD_KEY: ClassVar[str | None] = "rates"
+    BURSTINESS: ClassVar[float] = 1.0
+
+    @model_validator(mode="after")
+    def _enough(self):
+        _distinct(self.rates, "rates")
+        self._check_limits()
+        if self.num_requests is None and self.duration_s is None:
+            raise ConfigError("num_requests", f"kind = {self.kind!r} needs num_requests or duration_s (or both)",
+                              "num_requests = <requests per cell>, duration_s = <seconds>")
+        if self.num_requests is None and any(math.isinf(r) for r in self.rates):
+            raise ConfigError("num_requests", "rate = inf sends everything at once, so it needs num_requests",
+                              "integers >= 1")
+        return self
+
+    @property
+    def loads(self):
+        return self.rates
+
+    def cell_fields(self, load):
+        return {"request_rate": load}
+
+    def describe(self):
+        rates = ", ".join(f"{r:g}" for r in self.rates)
+        return f"{self.kind} arrivals at {rates} req/s, {self.num_requests} requests per rate"
+
+    def build(self, seed, vocab_size, load):
+        burstiness = getattr(self, "burstiness", self.BURSTINESS)
+        return OpenLoopWorkload(self.sequence(seed, vocab_size), gamma_arrivals(load, burstiness, seed),
+                                **self._limits())
+
+
+class Gamma(Poisson):
+    """Gamma-distributed gaps (burstiness = shape; 1 = Poisson, < 1 burstier) at each of `rates`."""
+
+    kind: Literal["gamma"]
+    burstiness: Annotated[Number, Field(gt=0)] = 1.0
+
+    KEYS: ClassVar[tuple[str, ...]] = ("rates", "burstiness", "num_requests", "duration_s", "max_concurrency")
+
+
+class Trace(_OpenLoop):
+    """Replay of a CSV trace (arrival_s, prompt_tokens, output_tokens), its gaps divided by speedup: one cell."""
+
+    kind: Literal["trace"]
+    path: Str  # relative to the experiment file
+    speedup: Annotated[Number, Field(gt=0)] = 1.0
+    num_requests: PositiveInt | None = None
+    duration_s: Annotated[Number, Field(gt=0)] | None = None
+    max_concurrency: Annotated[Int, Field(ge=0)] = 0
+    timeout_s: NonNegative = 0.0
+    shared_prefix: SharedPrefix | None = None
+
+    KEYS: ClassVar[tuple[str, ...]] = ("path", "speedup", "num_requests", "duration_s", "max_concurrency")
+
+    @model_validator(mode="after")
+    def _limits_ok(self):
+        self._check_limits()
+        finite(self.speedup, "speedup")
+        return self
+
+    @property
+    def loads(self):
+        return (None,)
+
+    def cell_fields(self, load):
+        return {}
+
+    def describe(self):
+        return f"trace replay of {Path(self.path).name} at {self.speedup:g}x speed"
+
+    def _lengths(self, samples):
+        _, prompt, output = read_trace(self.path)
+        return prompt, output
+
+    def _shortest(self):
+        prompt, output = self._lengths(0)
+        return int((prompt + output).min())
+
+    def sequence(self, seed, vocab_size):
+        _, prompt, output = read_trace(self.path)
+        return RequestSequence(seed, vocab_size, prompt_lens=prompt, output_lens=output,
+                               shared_prefix=self.shared_prefix)
+
+    def build(self, seed, vocab_size, load):
+        arrival, _, _ = read_trace(self.path)
+        return OpenLoopWorkload(self.sequence(seed, vocab_size), iter((arrival / self.speedup).tolist()),
+                                **self._limits())
+
+
+Workload = Annotated[Union[ClosedLoop, Poisson, Gamma, Trace], Field(discriminator="kind")]

@@ -1,6 +1,6 @@
 """`servesim profile`: step latency over a grid of batch shapes on this machine's JAX device.
 
-The output is the calibration table of sim.costmodel.CalibratedCostModel. Every timed step is
+The output is the calibration table of sim.core.calibrated.CalibratedCostModel. Every timed step is
 built the way the engine builds it: Requests with synthetic token ids, block tables from a
 BlockManager, ScheduledChunks, run by a real ModelRunner over a paged KV cache. The time of a
 step is `runner.execute` end to end (host-side preparation of the padded arrays, the jitted
@@ -32,14 +32,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+import jax
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from reference.batch import ScheduledChunk
+from reference.batch import ScheduledChunk, SchedulerOutput, StepShape
 from reference.block_manager import BlockManager
 from reference.config import ModelConfig, get_preset
+from reference.engine import Engine
 from reference.errors import ConfigError
+from reference.layout import PagedLayout, SlotLayout
 from reference.request import Request, SamplingParams
+from reference.runner import ModelRunner
+from reference.schedulers import ContinuousScheduler, SequentialScheduler
+from sim.core.calibrated import shape_from_profile_row
+from sim.core.costmodel import StepPhysics
+from sim.lab.timing import TimedScheduler
 
 HOST_CONTEXT = 128  # tokens of context per request in the host-cost rows
 CPU_KV_BUDGET = 2 << 30  # bytes of KV pool the profile may allocate on a CPU
@@ -161,18 +171,17 @@ def _stats(times_s: list[float]) -> dict:
 
 
 def time_step(runner, chunks: list[ScheduledChunk], repeats: int, warmup: int) -> dict:
-    """Time runner.execute(chunks) end to end, and runner.prepare alone."""
-    import jax
-
+    """Time runner.execute of a step of these chunks end to end, and runner.prepare alone."""
+    step = SchedulerOutput(list(chunks))
     t0 = time.perf_counter()
-    runner.execute(chunks)
+    runner.execute(step)
     first = time.perf_counter() - t0
     for _ in range(warmup):
-        runner.execute(chunks)
+        runner.execute(step)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        runner.execute(chunks)
+        runner.execute(step)
         times.append(time.perf_counter() - t0)
     prep = []
     for _ in range(repeats):
@@ -185,8 +194,8 @@ def time_step(runner, chunks: list[ScheduledChunk], repeats: int, warmup: int) -
 class _NullRunner:
     """A runner that computes nothing: one token per sampling chunk, at once."""
 
-    def execute(self, chunks, block_copies=()):
-        return [1 for c in chunks if c.samples]
+    def execute(self, out):
+        return [1 for c in out.chunks if c.samples]
 
 
 HOST_ADMISSION_TOKENS = 4096  # admission rows admit at most this many prompt tokens in one step
@@ -206,11 +215,16 @@ def host_admissions(grid: Grid) -> list[tuple[int, int]]:
             if b * p <= HOST_ADMISSION_TOKENS]
 
 
-def _host_stats(steps) -> dict:
-    """Host time per step (schedule + update, as the engine records it) of the timed steps."""
-    return dict(_stats([s.schedule_s + s.update_s for s in steps]),
-                schedule_ms=1e3 * statistics.median(s.schedule_s for s in steps),
-                update_ms=1e3 * statistics.median(s.update_s for s in steps))
+def _host_stats(steps: list[tuple[float, float]]) -> dict:
+    """Host time per step (schedule + update, as a benchmark times them) of the timed (schedule_s, update_s) steps."""
+    return dict(_stats([a + b for a, b in steps]), schedule_ms=1e3 * statistics.median(a for a, _ in steps),
+                update_ms=1e3 * statistics.median(b for _, b in steps))
+
+
+def _timed_step(engine: Engine) -> tuple[tuple[float, float], StepShape]:
+    """One engine step: (schedule_s, update_s) of its TimedScheduler, and the step's shape."""
+    record = engine.step()
+    return (engine.scheduler.schedule_s, engine.scheduler.update_s), record.shape
 
 
 def time_host(runner, num_blocks: int | None, batch_size: int, repeats: int, warmup: int, block_size: int,
@@ -222,9 +236,6 @@ def time_host(runner, num_blocks: int | None, batch_size: int, repeats: int, war
     behind than in a loop of its own. num_blocks: the runner's paged pool, for a continuous
     scheduler; None for contiguous slots, with a sequential (llama.cpp-style) scheduler.
     """
-    from reference.engine import Engine
-    from reference.schedulers import ContinuousScheduler, SequentialScheduler
-
     max_tokens = warmup + repeats + 2
     total = context + max_tokens
     if num_blocks is None:
@@ -232,7 +243,7 @@ def time_host(runner, num_blocks: int | None, batch_size: int, repeats: int, war
     else:
         sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=batch_size,
                                     max_num_batched_tokens=max(batch_size * context, 2048), max_model_len=total)
-    engine = Engine(sched, runner)
+    engine = Engine(TimedScheduler(sched), runner)
     rng = np.random.default_rng(seed)
     for i in range(batch_size):
         engine.add(Request(f"host-{i}", rng.integers(1, 500, context).tolist(), SamplingParams(max_tokens=max_tokens)))
@@ -241,11 +252,9 @@ def time_host(runner, num_blocks: int | None, batch_size: int, repeats: int, war
         raise RuntimeError(f"host profile: {sched.num_running} of {batch_size} requests running")
     for _ in range(warmup):
         engine.step()
-    engine.steps.clear()
-    for _ in range(repeats):
-        engine.step()
-    assert all(s.num_decode_seqs == batch_size for s in engine.steps)
-    return _host_stats(engine.steps)
+    timed = [_timed_step(engine) for _ in range(repeats)]
+    assert all(shape.decode_seqs == batch_size for _, shape in timed)
+    return _host_stats([t for t, _ in timed])
 
 
 def time_host_admission(runner, num_blocks: int, batch_size: int, prompt_tokens: int, repeats: int, warmup: int,
@@ -256,29 +265,23 @@ def time_host_admission(runner, num_blocks: int, batch_size: int, prompt_tokens:
     allocation), then update (full blocks hashed into the prefix cache, first tokens appended).
     The decode rows of time_host miss this per-token work.
     """
-    from reference.engine import Engine
-    from reference.schedulers import ContinuousScheduler
-
     rng = np.random.default_rng(seed)
     steps = []
     for i in range(warmup + repeats):
         sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=batch_size,
                                     max_num_batched_tokens=batch_size * prompt_tokens, max_model_len=prompt_tokens + 1)
-        engine = Engine(sched, runner)
+        engine = Engine(TimedScheduler(sched), runner)
         for j in range(batch_size):
             engine.add(Request(f"admit-{j}", rng.integers(1, 500, prompt_tokens).tolist(), SamplingParams(max_tokens=1)))
-        engine.step()
-        step, = engine.steps
-        assert step.num_prefill_tokens == batch_size * prompt_tokens, step
+        times, shape = _timed_step(engine)
+        assert shape.prefill_tokens == batch_size * prompt_tokens, shape
         if i >= warmup:
-            steps.append(step)
+            steps.append(times)
     return _host_stats(steps)
 
 
 def _kv_budget(runner) -> tuple[int, str]:
     """Bytes the KV pool may take on this device, and where that figure comes from."""
-    import jax
-
     dev = jax.devices()[0]
     stats = None
     try:
@@ -294,14 +297,12 @@ def _kv_budget(runner) -> tuple[int, str]:
 def _command(model_name: str, out_path, dtype: str, grid: str, repeats: int, warmup: int, block_size: int,
              max_context: int | None) -> str:
     """The command that reproduces this profile: `servesim profile ...` when run from the CLI, else the call."""
-    import click
-
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.info_name == "profile" and warmup == 2 and block_size == 16:
         clip = ["--max-context", str(max_context)] if max_context else []
         return shlex.join(["servesim", "profile", "--model", model_name, "--out", str(out_path), "--dtype", dtype,
                            "--grid", grid, "--repeats", str(repeats)] + clip)
-    return (f"reference.profile.run_profile({model_name!r}, {str(out_path)!r}, dtype={dtype!r}, grid={grid!r}, "
+    return (f"sim.lab.profile.run_profile({model_name!r}, {str(out_path)!r}, dtype={dtype!r}, grid={grid!r}, "
             f"repeats={repeats}, warmup={warmup}, block_size={block_size}, max_context={max_context})")
 
 
@@ -325,13 +326,6 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
 
     Returns the table (metadata in df.attrs), which CalibratedCostModel.from_profile accepts as is.
     """
-    import jax
-    from tqdm import tqdm
-
-    from reference import kv_cache
-    from reference.runner import ModelRunner
-    from sim.costmodel import StepPhysics, StepShape, shape_from_profile_row
-
     cfg = get_preset(model) if isinstance(model, str) else model
     grid_name = grid if isinstance(grid, str) else "custom"
     if isinstance(grid, str):
@@ -350,7 +344,7 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
     kv_per_block = cfg.kv_bytes_per_token(dtype_bytes) * block_size
 
     # One runner for the whole profile; its pool holds the largest shape that fits the KV budget.
-    probe = ModelRunner(cfg, layout=kv_cache.PagedLayout(2, block_size), seed=seed, dtype=dtype)
+    probe = ModelRunner(cfg, layout=PagedLayout(2, block_size), seed=seed, dtype=dtype)
     budget, budget_source = _kv_budget(probe)
     max_blocks = budget // kv_per_block
     skipped = [s for s in shapes if s.blocks(block_size) > max_blocks]
@@ -358,7 +352,7 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
     if not shapes:
         raise ConfigError("grid", f"no shape fits a KV pool of {budget} bytes")
     num_blocks = max(s.blocks(block_size) for s in shapes) + 1
-    runner = ModelRunner(cfg, probe.params, layout=kv_cache.PagedLayout(num_blocks, block_size), dtype=dtype)
+    runner = ModelRunner(cfg, probe.params, layout=PagedLayout(num_blocks, block_size), dtype=dtype)
     del probe
     physics = StepPhysics(cfg)  # FLOPs of a step (bytes are counted here, in the runner's dtype)
     kv_bytes_per_token = cfg.kv_bytes_per_token(dtype_bytes)
@@ -368,7 +362,7 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
     slot_len = max(p + o for s in shapes for p, o, _ in s.sequences())
     contiguous = None
     if slots * slot_len * kv_bytes_per_token <= budget:
-        contiguous = ModelRunner(cfg, runner.params, layout=kv_cache.ContiguousLayout(slots, slot_len), dtype=dtype)
+        contiguous = ModelRunner(cfg, runner.params, layout=SlotLayout(slots, slot_len), dtype=dtype)
 
     rows = []
     bar = tqdm(total=len(shapes) * (1 + (contiguous is not None)) + 2 * len(grid.host_batch) + len(host_admissions(grid)),
@@ -391,7 +385,7 @@ def run_profile(model: str | ModelConfig, out_path: str | os.PathLike | None, *,
     # Host rows around a real runner whose pool holds the largest of them (a null runner when it cannot fit):
     # a continuous scheduler over paged blocks, and a sequential one over the contiguous slots.
     h_blocks = host_blocks(grid, block_size, repeats, warmup)
-    host_runner = (ModelRunner(cfg, runner.params, layout=kv_cache.PagedLayout(h_blocks, block_size), dtype=dtype)
+    host_runner = (ModelRunner(cfg, runner.params, layout=PagedLayout(h_blocks, block_size), dtype=dtype)
                    if h_blocks * kv_per_block <= budget else _NullRunner())
     host_rows = [("paged", b, host_runner, h_blocks) for b in sorted(set(grid.host_batch))]
     if contiguous is not None and slot_len >= HOST_CONTEXT + warmup + repeats + 2:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from reference.batch import SchedulerOutput
+from reference.batch import SchedulerOutput, StepShape
+from reference.errors import ConfigError
 from reference.request import Outcome, Request
 from reference.schedulers.base import Scheduler
 
@@ -64,10 +65,11 @@ class Replica:
     """A serving engine replica: starts its own step process on env."""
 
     def __init__(self, env: simpy.Environment, name: str, scheduler: Scheduler,
-                 step_time: Callable[[SchedulerOutput], float],
+                 step_time: Callable[[StepShape], float],
                  on_finish: Callable[[Request], None] | None = None, sample_interval_s: float = 0.1,
                  on_step: Callable[[float, SchedulerOutput, float], None] | None = None):
-        """step_time(out) -> seconds the step takes; on_finish(req), if given, sees every request that ends."""
+        """step_time(shape) -> seconds a step of that shape takes (a cost model's step_seconds);
+        on_finish(req), if given, sees every request that ends; on_step(now, out, dt) every step."""
         self.env = env
         self.name = name
         self.scheduler = scheduler
@@ -148,7 +150,7 @@ class Replica:
                 yield self._wake
                 continue
             self._sample()
-            dt = self.step_time(out)
+            dt = self.step_time(out.shape)
             if self.on_step:
                 self.on_step(env.now, out, dt)
             self._stepping = True
@@ -175,7 +177,6 @@ class Cluster:
 
     def __init__(self, replicas: list[Replica], router: str = "round_robin"):
         if router not in self.ROUTERS:
-            from reference.errors import ConfigError
             raise ConfigError("hardware.router", f"unknown router {router!r}", ", ".join(self.ROUTERS))
         self.replicas = replicas
         self.router = router

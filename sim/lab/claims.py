@@ -29,10 +29,10 @@ A claims config is an ordinary experiment TOML whose `[published]` table says wh
     notes = "..."
 
 Verdicts: "physically implausible" when the published figure lies beyond the roofline bound of
-sim.audit (whatever the simulation says), else "reproduced" when the simulated figure is within
+sim.lab.audit (whatever the simulation says), else "reproduced" when the simulated figure is within
 25% of the published one (inside the range widened by 25%, or satisfying op), else "differs".
 
-`run_claims(config, DIR)` runs the experiment (sim.simulate.run_experiment), every sweep value
+`run_claims(config, DIR)` runs the experiment (sim.lab.simulate.run_experiment), every sweep value
 under DIR/sweeps/<id>/<value>/, and writes DIR/claims.csv, DIR/sweeps.csv and DIR/audit.txt.
 Per-cell KV statistics are taken from timeseries.csv into DIR/cell_stats.json before that file
 is thinned to at most TIMESERIES_ROWS_PER_CELL rows per cell (results stay small enough to commit).
@@ -51,8 +51,9 @@ import numpy as np
 import pandas as pd
 
 from reference.errors import ConfigError
-from sim.audit import Bound, bound_for, fmt_num
-from sim.experiment import ContinuousEngine, Experiment, SequentialEngine, load_experiment, parse_experiment
+from sim.lab.audit import Bound, audit_experiment, bound_for, fmt_num, format_audit, in_unit, mean_lengths
+from sim.lab.experiment import Experiment, load_experiment, parse_experiment
+from sim.lab.simulate import run_experiment
 
 TOLERANCE = 0.25
 VERDICTS = ("reproduced", "differs", "physically implausible")
@@ -331,8 +332,8 @@ def sweep_experiment(exp: Experiment, sweep: Sweep, value) -> Experiment:
     if sweep.engines is not None:
         doc["engines"] = {k: v for k, v in doc["engines"].items() if k in sweep.engines}
     if sweep.loads is not None:
-        key = "clients" if exp.workload.is_closed_loop else "rates"
-        if exp.workload.kind == "trace":
+        key = exp.workload.LOAD_KEY
+        if key is None:
             raise ConfigError(f"published.sweeps.{sweep.id}.loads", "a trace has one cell", "no loads")
         doc["workload"][key] = list(sweep.loads)
     node = doc
@@ -493,23 +494,10 @@ def max_concurrent(exp: Experiment, engine: str, mem: dict, tokens_per_request: 
     beside the weights and activations (the num_parallel at which loading would run out of memory).
     Static: the KV capacity over the max-length reservation.
     """
-    from sim.audit import mean_lengths
-
-    eng = exp.engine(engine)
     if tokens_per_request is None:
         p, o = mean_lengths(exp)
         tokens_per_request = round(p + o)
-    kvpt = mem["kv_bytes_per_token"]
-    if isinstance(eng, SequentialEngine):
-        free = mem["capacity_bytes"] - mem["weights_bytes"] - mem["activation_bytes"]
-        return int(free // (eng.num_ctx * kvpt))
-    if isinstance(eng, ContinuousEngine):
-        bs = mem["block_size"]
-        reserve = eng.max_model_len if eng.reservation == "max_model_len" else tokens_per_request
-        per = -(-reserve // bs) * bs
-        return int((mem["num_blocks"] - 1) * bs // per)
-    reserve = eng.max_model_len if getattr(eng, "reserve_max_len", False) else tokens_per_request
-    return int(mem["kv_capacity_tokens"] // reserve)
+    return exp.engine(engine).max_concurrent(mem, tokens_per_request)
 
 
 def _f(v) -> float:
@@ -606,8 +594,6 @@ CLAIMS_COLUMNS = ("id", "claim", "engine", "cell", "metric", "unit", "published"
 def evaluate(exp: Experiment, claims: Claims, results: Results, figures: tuple[Figure, ...] | None = None
              ) -> list[dict]:
     """One row per figure: published, simulated, ratio, bound, verdict."""
-    from sim.audit import _in_unit
-
     rows = []
     for f in figures if figures is not None else claims.figures:
         try:
@@ -621,7 +607,7 @@ def evaluate(exp: Experiment, claims: Claims, results: Results, figures: tuple[F
         if f.audit and f.ratio_to is None:
             b = bound_for(exp, f.metric, f.engine, f.concurrency, f.rate, f.tokens_per_request)
             if b is not None:
-                b = _in_unit(b, f.unit)
+                b = in_unit(b, f.unit)
         v = verdict(f.value, sim, f.op, b)
         pub = f.point_value
         rows.append({
@@ -638,8 +624,6 @@ def evaluate(exp: Experiment, claims: Claims, results: Results, figures: tuple[F
 
 def _run(exp: Experiment, out: Path, reuse: bool, progress: bool, echo) -> None:
     """run_experiment into out (resuming when reuse), then the per-cell KV statistics."""
-    from sim.simulate import run_experiment
-
     if not reuse:  # run_experiment appends to timeseries.csv; a fresh run must not keep an old one
         for name in ("timeseries.csv", "cell_stats.json"):
             (out / name).unlink(missing_ok=True)
@@ -650,8 +634,6 @@ def _run(exp: Experiment, out: Path, reuse: bool, progress: bool, echo) -> None:
 def run_claims(config: str | Path | Experiment, out_dir: str | Path, *, reuse: bool = False, progress: bool = False,
                echo=print) -> ClaimsReport:
     """Run (or, with reuse, resume) a claims config and its sweeps; write claims.csv, sweeps.csv, audit.txt."""
-    from sim.audit import audit_experiment, format_audit
-
     exp = config if isinstance(config, Experiment) else load_experiment(config)
     claims = parse_claims(exp)
     out = Path(out_dir)
@@ -679,7 +661,7 @@ def run_claims(config: str | Path | Experiment, out_dir: str | Path, *, reuse: b
         sweeps.to_csv(out / "sweeps.csv", index=False, float_format="%.6g")
     else:
         (out / "sweeps.csv").unlink(missing_ok=True)
-    audit_text = format_audit(exp, audit_experiment(exp))
+    audit_text = format_audit(exp, audit_experiment(exp, claims.figures))
     (out / "audit.txt").write_text(audit_text + "\n")
     return ClaimsReport(exp, claims, out, table, sweeps, audit_text)
 
@@ -762,29 +744,3 @@ def format_sweeps(sweeps: pd.DataFrame) -> str:
             out.append("  reproduced at: " + "; ".join(f"{k}: {v}" for k, v in hits.items()))
         out.append("")
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-import click  # noqa: E402
-
-
-@click.command("claims")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Results directory (default: runs/<experiment name>).")
-@click.option("--reuse", is_flag=True, help="Keep the cells already simulated in --out (resume) instead of starting over.")
-def claims_command(config: str, out_dir: str | None, reuse: bool) -> None:
-    """Run a claims config and print published vs simulated figures with verdicts (DIR/claims.csv)."""
-    exp = load_experiment(config)
-    out = Path(out_dir) if out_dir else Path("runs") / exp.name
-    report = run_claims(exp, out, reuse=reuse, progress=True, echo=click.echo)
-    click.echo(format_table(report.table))
-    if not report.sweeps.empty:
-        click.echo("")
-        click.echo(format_sweeps(report.sweeps))
-    click.echo("")
-    click.echo(report.audit_text)
-    counts = report.table["verdict"].value_counts()
-    click.echo("\n" + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS) + f"  ->  {out / 'claims.csv'}")

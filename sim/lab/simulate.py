@@ -1,7 +1,7 @@
 """`servesim run`: an experiment on the simulator, cell by cell, with results that survive interruption.
 
 Per cell (engine variant x concurrency or rate): a fresh SimPy environment, `hardware.replicas`
-replicas (each the reference scheduler built by sim.engines, timed by the cost model) behind a
+replicas (each its engine kind's scheduler, timed by the cost model) behind a
 router, and the workload as SimPy processes (closed-loop clients, or an open-loop arrival process).
 Each finished request streams into DIR/requests.csv; the cell's summary goes to DIR/summary.json
 and its time series to DIR/timeseries.csv as soon as the cell ends.
@@ -14,55 +14,38 @@ from pathlib import Path
 
 import pandas as pd
 import simpy
+from tqdm import tqdm
 
 from reference.request import Outcome, Request
-from sim.costmodel import CostModel, make_cost_model
-from sim.engines import MemoryPlan, build_scheduler, plan_memory, runner_padding
-from sim.experiment import Cell, EngineConfig, Experiment
-from sim.hardware import Hardware, get_hardware
-from sim.metrics import CellAccumulator, ResultsWriter
-from sim.replica import Cluster, Replica
-from sim.workload import ClosedLoopWorkload, build_workload, to_request
+from sim.core.costmodel import CostModel
+from sim.core.memory import MemoryPlan
+from sim.core.replica import Cluster, Replica
+from sim.lab.experiment import Cell, Experiment
+from sim.lab.metrics import CellAccumulator, ResultsWriter
+from sim.lab.workload import ClosedLoopWorkload, to_request
 
 
-def hardware_of(exp: Experiment) -> Hardware | None:
-    """The device the experiment simulates ([hardware] preset, else the cost model's), or None."""
-    name = exp.hardware.preset or exp.cost_model.get("hardware")
-    return get_hardware(name) if name else None
-
-
-def cost_model_for(exp: Experiment, engine: EngineConfig) -> CostModel:
-    """The engine's cost model: the [cost_model] table, with the engine's weights/KV dtype and [hardware] as defaults."""
-    section = dict(exp.cost_model)
-    if section.get("kind", "roofline") == "roofline" and "hardware" not in section:
-        if exp.hardware.preset is None:
-            from reference.errors import ConfigError
-            raise ConfigError("hardware.preset", "a roofline cost model needs a device",
-                              "a name from `servesim hardware`, or cost_model.kind = 'calibrated'")
-        section["hardware"] = exp.hardware.preset
-    return make_cost_model(section, exp.model_config, weight_format=engine.weights, kv_dtype=engine.kv_dtype,
-                           tp=exp.hardware.tp, base_dir=exp.base_dir,
-                           padding=runner_padding(engine, exp.model_config))
-
-
-def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: Callable | None = None,
+def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostModel | None = None,
                   plan: MemoryPlan | None = None, on_request: Callable[[Request], None] | None = None,
-                  sample_interval_s: float = 0.1, on_step=None,
-                  make_scheduler: Callable = build_scheduler) -> dict:
+                  sample_interval_s: float = 0.1, on_step=None, on_scheduler: Callable | None = None) -> dict:
     """Run one cell to completion; finished requests go to acc. Returns simulation facts and time series.
 
     on_step(now, out, dt) sees every step; on_request(req) every request that ends;
-    make_scheduler(engine, plan) builds each replica's scheduler (a tracer can keep a handle on it).
+    on_scheduler(scheduler) sees each replica's scheduler when it is built (a tracer keeps a handle on it).
     """
     engine = exp.engine(cell.engine)
-    plan = plan or plan_memory(engine, exp.model_config, hardware_of(exp), exp.hardware.tp, exp.dtype)
-    cost = cost or cost_model_for(exp, engine)
+    plan = plan or exp.plan(engine)
+    cost = cost or exp.cost_model_for(engine, plan)
     env = simpy.Environment()
-    replicas = [Replica(env, f"r{i}", make_scheduler(engine, plan), cost,
-                        sample_interval_s=sample_interval_s, on_step=on_step)
-                for i in range(exp.hardware.replicas)]
+    replicas = []
+    for i in range(exp.hardware.replicas):
+        scheduler = engine.build_scheduler(plan)
+        if on_scheduler:
+            on_scheduler(scheduler)
+        replicas.append(Replica(env, f"r{i}", scheduler, cost.step_seconds, sample_interval_s=sample_interval_s,
+                                on_step=on_step))
     cluster = Cluster(replicas, exp.hardware.router)
-    workload = build_workload(exp, cell)
+    workload = exp.workload.build(exp.seed, exp.model_spec.vocab_size, cell.load)
     timeout = workload.timeout_s
 
     def record(req: Request, client: int | None) -> None:
@@ -121,8 +104,6 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: Calla
 def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
                    echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Simulate every cell not already in out_dir; returns the summary table of all cells."""
-    from tqdm import tqdm
-
     out = Path(out_dir)
     writer = ResultsWriter(out, resume=resume)
     (out / "experiment.toml").write_text(exp.to_toml())
@@ -131,7 +112,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     _keep_series_of_done_cells(series_path, {c.label for c in exp.cells()} - {c.label for c in cells})
     if len(cells) < len(exp.cells()):
         echo(f"resuming: {len(exp.cells()) - len(cells)} of {len(exp.cells())} cells already done in {out}")
-    costs = {e.name: cost_model_for(exp, e) for e in exp.engines}
+    costs = {e.name: exp.cost_model_for(e) for e in exp.engines}
     for cell in tqdm(cells, desc=exp.name, unit="cell", disable=not progress):
         acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate)
         wall = time.perf_counter()

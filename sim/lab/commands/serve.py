@@ -1,13 +1,13 @@
-"""`servesim serve`: one engine of an experiment behind an OpenAI-compatible HTTP API (reference.server).
-
-Click command only; sim.cli wires it into the `servesim` group. Bad input (ConfigError, e.g.
-an unknown --engine) becomes a one-line usage error there.
-"""
+"""`servesim serve CONFIG`: one engine of an experiment behind an OpenAI-compatible HTTP API (sim.lab.server)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+import uvicorn
+
+from sim.lab.experiment import load_experiment
+from sim.lab.server import create_app
 
 
 @click.command("serve")
@@ -19,18 +19,13 @@ import click
 @click.option("--no-warmup", is_flag=True, help="Skip compiling the smallest step shapes before serving.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
-def serve_command(config: Path, engine_name: str | None, host: str, port: int, model_name: str | None,
-                  no_warmup: bool, log_level: str) -> None:
+def command(config: Path, engine_name: str | None, host: str, port: int, model_name: str | None,
+            no_warmup: bool, log_level: str) -> None:
     """Serve CONFIG's model with one of its engines: /v1/completions, /v1/chat/completions, /metrics.
 
     The OpenAI client works unchanged: OpenAI(base_url="http://HOST:PORT/v1", api_key="x").
     Drive it with the experiment's workload: servesim bench CONFIG --url http://HOST:PORT/v1
     """
-    import uvicorn
-
-    from reference.server import create_app
-    from sim.experiment import load_experiment
-
     exp = load_experiment(config)
     app = create_app(exp, engine_name, warmup=not no_warmup, model_name=model_name)
     state = app.state.servesim

@@ -1,13 +1,13 @@
 """`servesim validate`: the simulator against the reference engine on this machine, same config.
 
-1. profile the reference engine here (reference.profile.run_profile) unless a profile is given,
+1. profile the reference engine here (sim.lab.profile.run_profile) unless a profile is given,
    over the regime the experiments serve (contexts up to their engines' longest context);
-2. run the experiment on the real engine (reference.bench.run_bench) into DIR/bench; a step
-   shape first compiled during a measured run is taken off the engine's clock (one compilation
-   costs ~1-2 s on CPU, hundreds of steps; open-loop arrivals keep meeting new bucket
-   combinations that no warm-up foresees), so the bench measures a fully compiled engine;
+2. run the experiment on the real engine (sim.lab.bench.run_bench) into DIR/bench; a step
+   shape first compiled during a measured run is compiled off the engine's clock (one
+   compilation costs ~1-2 s on CPU, hundreds of steps; open-loop arrivals keep meeting new
+   bucket combinations that no warm-up foresees), so the bench measures a fully compiled engine;
 3. run it on the simulator with cost_model = {kind="calibrated", profile=...} and no hardware
-   preset (so sim.engines.plan_memory sizes the KV cache exactly as the bench does) into DIR/sim;
+   preset (so each engine plans its KV cache exactly as the bench does) into DIR/sim;
 4. DIR/errors.csv: cell, metric, measured, predicted, error_pct ((pred - meas) / meas * 100);
 5. DIR/fidelity.png: predicted vs measured, one panel per metric, y = x with +-5% / +-10% bands.
 
@@ -20,17 +20,26 @@ Where do errors come from? DIR/steps_check.csv replays the bench's own steps (DI
 the real shape and time of every step) through the cost model: per cell, the measured and predicted
 sums of execute_s and of host time (schedule_s + update_s), and the wall time outside steps (idle
 or loop). If the per-step sums agree but the metrics do not, the error is not the cost model's.
+
+With clock = "model" the bench runs the engine on the calibrated model's clock (each step takes its
+predicted time): the simulator must then match it to rounding in every cell, which checks the
+workload, the schedulers, the drivers and the metrics, everything but the cost model.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from reference.batch import StepShape
 from reference.errors import ConfigError
-from sim.costmodel import StepShape
+from sim.lab.bench import run_bench
+from sim.lab.figures import subplots
+from sim.lab.experiment import CalibratedConfig, Experiment, load_experiment
+from sim.lab.metrics import load_results
+from sim.lab.profile import run_profile
+from sim.lab.simulate import run_experiment
 
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms")
 TARGETS = {"output_throughput": 5.0, "mean_e2el_ms": 5.0, "p99_e2el_ms": 5.0, "mean_ttft_ms": 10.0,
@@ -46,16 +55,15 @@ def drop_token_times(requests_csv: str | Path) -> None:
         df.to_csv(path, index=False)
 
 
-def sim_experiment(exp, profile: str | Path):
+def sim_experiment(exp: Experiment, profile: str | Path) -> Experiment:
     """The same experiment for the simulator: calibrated cost model from the profile, no hardware preset."""
-    return dataclasses.replace(exp, cost_model={"kind": "calibrated", "profile": str(Path(profile).resolve())},
-                               hardware=dataclasses.replace(exp.hardware, preset=None, replicas=1, tp=1))
+    hardware = exp.hardware.model_copy(update=dict(preset=None, replicas=1, tp=1))
+    cost = CalibratedConfig(kind="calibrated", profile=str(Path(profile).resolve()))
+    return exp.model_copy(update=dict(cost_model=cost, hardware=hardware))
 
 
 def compare(bench_dir: str | Path, sim_dir: str | Path, metrics=METRICS) -> pd.DataFrame:
     """errors.csv rows: one per (cell, metric) present in both summaries."""
-    from sim.metrics import load_results
-
     _, meas = load_results(bench_dir)
     _, pred = load_results(sim_dir)
     pred = pred.set_index("cell")
@@ -91,32 +99,31 @@ def format_error_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def check_steps(steps_path: str | Path, cost, requests: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per cell: the bench's measured step times vs the cost model's predictions for the same shapes.
+def check_steps(steps_path: str | Path, cost, engine: str | None = None) -> pd.DataFrame:
+    """Per cell (of `engine`, or all): the bench's measured step times vs the cost model's predictions for the same shapes.
 
     exec_* = runner.execute (the profile's step rows); host_* = schedule + update (the 'host' rows);
     span_s = first step start to last step end; outside_s = span - sum of step times (idle, arrivals, loop).
     """
     steps = pd.read_csv(steps_path)
-    if "decode_max_context" not in steps:
-        raise ConfigError("steps", f"{steps_path} predates per-part context columns; re-run the bench")
-    shapes = [StepShape(p, d, n - d, kv, qc, dm, pm) for p, d, n, kv, qc, dm, pm in zip(
-        steps.num_prefill_tokens, steps.num_decode_seqs, steps.num_seqs, steps.context_tokens, steps.attn_q_ctx,
-        steps.decode_max_context, steps.prefill_max_context)]
+    if engine is not None:  # each engine's steps are priced by its own cost model (its layout's padding)
+        steps = steps[steps.cell.str.split("@").str[0] == engine]
+    fields = StepShape.__slots__
+    if not set(fields) <= set(steps.columns):
+        raise ConfigError("steps", f"{steps_path} lacks the step-shape columns {list(fields)}; re-run the bench")
+    shapes = [StepShape(*map(int, row)) for row in steps[list(fields)].itertuples(index=False)]
     steps = steps.assign(
         pred_exec_s=[cost.device_seconds(s) for s in shapes], pred_host_s=[cost.host_seconds(s) for s in shapes],
-        host_s=steps.schedule_s + steps.update_s,
-        kind=np.where(steps.num_prefill_tokens == 0, "decode", np.where(steps.num_decode_seqs == 0, "prefill", "mixed")))
+        host_s=steps.schedule_s + steps.update_s, kind=[s.kind for s in shapes])
     rows = []
     for cell, g in steps.groupby("cell", sort=False):
-        span = float((g.start + g.schedule_s + g.execute_s + g.update_s).max() - g.start.min())
+        span = float((g.start_s + g.schedule_s + g.execute_s + g.update_s).max() - g.start_s.min())
         row = dict(cell=cell, steps=len(g), exec_s=g.execute_s.sum(), pred_exec_s=g.pred_exec_s.sum(),
                    host_s=g.host_s.sum(), pred_host_s=g.pred_host_s.sum(), span_s=span,
                    outside_s=span - float((g.execute_s + g.host_s).sum()))
-        row["exec_err_pct"] = (row["pred_exec_s"] - row["exec_s"]) / row["exec_s"] * 100
-        row["host_err_pct"] = (row["pred_host_s"] - row["host_s"]) / row["host_s"] * 100
-        row["step_err_pct"] = ((row["pred_exec_s"] + row["pred_host_s"]) - (row["exec_s"] + row["host_s"])) \
-            / (row["exec_s"] + row["host_s"]) * 100
+        row["exec_err_pct"] = _pct(row["pred_exec_s"], row["exec_s"])
+        row["host_err_pct"] = _pct(row["pred_host_s"], row["host_s"])  # nan on the model's clock: no host time
+        row["step_err_pct"] = _pct(row["pred_exec_s"] + row["pred_host_s"], row["exec_s"] + row["host_s"])
         for kind in ("decode", "prefill", "mixed"):
             k = g[g.kind == kind]
             row[f"{kind}_steps"] = len(k)
@@ -126,16 +133,18 @@ def check_steps(steps_path: str | Path, cost, requests: pd.DataFrame | None = No
     return pd.DataFrame(rows)
 
 
+def _pct(predicted: float, measured: float) -> float:
+    """(predicted - measured) / measured in percent; nan when nothing was measured."""
+    return (predicted - measured) / measured * 100 if measured else np.nan
+
+
 def plot_fidelity(errors: pd.DataFrame, path: str | Path) -> Path:
     """Predicted vs measured, one panel per metric: y = x, +-5% and +-10% bands."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     metrics = [m for m in METRICS if m in set(errors.metric)]
     cols = 3
     rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
     for ax, k in zip(axes.flat, metrics):
         g = errors[errors.metric == k].dropna(subset=["measured", "predicted"])
         lo = min(g.measured.min(), g.predicted.min()) * 0.8
@@ -161,44 +170,38 @@ def plot_fidelity(errors: pd.DataFrame, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def run_validate(configs, out_dir: str | Path, profile: str | Path | None = None, *, grid="default",
-                 progress: bool = True, echo=print) -> pd.DataFrame:
+                 progress: bool = True, echo=print, clock: str = "wall") -> pd.DataFrame:
     """Profile (unless given), bench, simulate, compare. configs: one path or several (each into DIR/<name>/).
 
-    The bench takes compile stalls off the engine's clock (reference.bench.bench_cell), so they
-    do not count as serving time.
+    clock "wall" measures this machine; "model" runs the engine on the calibrated model's clock (see
+    the module docstring), where every error must be zero to rounding.
     """
-    from reference.bench import run_bench
-    from sim.experiment import load_experiment
-    from sim.simulate import cost_model_for, run_experiment
-
     configs = [configs] if isinstance(configs, (str, Path)) else list(configs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exps = [load_experiment(c) for c in configs]
     if profile is None:
-        from reference.profile import run_profile
         profile = out / "profile.csv"
         if not profile.exists():
-            echo(f"profiling {exps[0].model_config.name} on this machine -> {profile}")
+            echo(f"profiling {exps[0].model_spec.name} on this machine -> {profile}")
             # The regime the experiments serve: no sequence is longer than its engine's context.
             longest = max(e.context_len for x in exps for e in x.engines)
-            run_profile(exps[0].model_config.name, profile, dtype=exps[0].dtype, grid=grid, progress=progress,
+            run_profile(exps[0].model_spec.name, profile, dtype=exps[0].dtype, grid=grid, progress=progress,
                         max_context=longest)
     all_errors, all_checks = [], []
     for exp in exps:
         sub = out if len(exps) == 1 else out / exp.name
-        run_bench(exp, sub / "bench", progress=progress, echo=echo)
-        drop_token_times(sub / "bench" / "requests.csv")
         sexp = sim_experiment(exp, profile)
+        run_bench(sexp if clock == "model" else exp, sub / "bench", progress=progress, echo=echo, clock=clock)
+        drop_token_times(sub / "bench" / "requests.csv")
         run_experiment(sexp, sub / "sim", progress=progress, echo=echo)
         errors = compare(sub / "bench", sub / "sim")
-        cost = cost_model_for(sexp, sexp.engines[0])
-        checks = check_steps(sub / "bench" / "steps.csv.gz", cost)
+        checks = pd.concat([check_steps(sub / "bench" / "steps.csv.gz", sexp.cost_model_for(e), e.name)
+                            for e in sexp.engines], ignore_index=True)
         if len(exps) > 1:
             errors.insert(0, "experiment", exp.name)
             checks.insert(0, "experiment", exp.name)

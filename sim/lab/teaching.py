@@ -8,18 +8,23 @@
   the prefix cache, then a parallel-sampling fork that shares every block until one branch
   writes, and copy-on-write gives it its own last block.
 
-Plain Python + matplotlib (no JAX). `python -m sim.teaching OUT_DIR` writes both PNGs.
+Plain Python + matplotlib (no JAX). `python -m sim.lab.teaching OUT_DIR` writes both PNGs.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.colors import to_rgb
+from matplotlib.patches import Patch, Rectangle
 
 from reference.block_manager import BlockManager
 from reference.request import Request, SamplingParams
-from reference.schedulers import ContinuousScheduler
+from reference.schedulers import ContinuousScheduler, OrcaScheduler
+from sim.lab.figures import subplots
 
 # A small workload: (arrival step, prompt tokens, output tokens).
 WORKLOAD = ((0, 9, 14), (0, 4, 22), (0, 14, 6), (1, 6, 30), (3, 11, 9), (5, 3, 17), (7, 16, 12), (9, 5, 8),
@@ -46,14 +51,16 @@ def _request(i: int, prompt: int, output: int, arrival: float) -> Request:
 
 def run_pool(reservation: str, workload=WORKLOAD, num_blocks: int = POOL_BLOCKS, block_size: int = BLOCK_SIZE,
              max_model_len: int = MAX_MODEL_LEN, max_steps: int = 500) -> list[Snapshot]:
-    """Drive a ContinuousScheduler step by step (time = step index) and snapshot the pool after each schedule.
+    """Drive a scheduler step by step (time = step index) and snapshot the pool after each schedule.
 
-    reservation "none" = paging (blocks on demand); "max_model_len" = every admitted request
-    reserves max_model_len tokens up front (static per-slot reservation).
+    reservation "none" = paging, blocks on demand (ContinuousScheduler); "max_model_len" = every
+    admitted request reserves max_model_len tokens up front (OrcaScheduler: per-slot reservation).
     """
-    sched = ContinuousScheduler(num_blocks, block_size, max_num_seqs=16, max_num_batched_tokens=64,
-                                max_model_len=max_model_len, enable_chunked_prefill=True,
-                                enable_prefix_caching=False, reservation=reservation)
+    common = dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=max_model_len, enable_chunked_prefill=True)
+    if reservation == "none":
+        sched = ContinuousScheduler(num_blocks, block_size, enable_prefix_caching=False, **common)
+    else:
+        sched = OrcaScheduler(num_blocks, block_size, reservation=reservation, **common)
     pending = sorted((a, i, p, o) for i, (a, p, o) in enumerate(workload))
     snaps: list[Snapshot] = []
     step = 0
@@ -79,8 +86,6 @@ def occupancy(snaps: list[Snapshot]) -> tuple[float, int]:
 
 
 def _colours(n: int) -> np.ndarray:
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab10"]
     return np.array([cmap(i % 10)[:3] for i in range(n)])
 
@@ -103,18 +108,12 @@ def pool_image(snaps: list[Snapshot], num_blocks: int, block_size: int, steps: i
 
 def kv_over_time(path: str | Path) -> Path:
     """Two panels over the same steps: max-length reservation vs paging. Returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     static = run_pool("max_model_len")
     paged = run_pool("none")
     (u_s, end_s), (u_p, end_p) = occupancy(static), occupancy(paged)
     steps = max(end_s, end_p) + 1
     colours = _colours(len(WORKLOAD))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), sharey=True, constrained_layout=True)
+    fig, axes = subplots(1, 2, figsize=(13, 5.4), sharey=True, constrained_layout=True)
     panels = ((axes[0], static, f"Reserve max_model_len ({MAX_MODEL_LEN} tokens) per request",
                u_s, end_s),
               (axes[1], paged, f"Paged: blocks of {BLOCK_SIZE} tokens on demand", u_p, end_p))
@@ -144,7 +143,6 @@ def kv_over_time(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -199,16 +197,9 @@ def block_table_states(block_size: int = 4) -> list[TableState]:
 
 def block_tables(path: str | Path, block_size: int = 4) -> Path:
     """Draw block_table_states(): each sequence's block table, and the physical pool with its holders and refcounts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import to_rgb
-    from matplotlib.patches import Rectangle
-
     states = block_table_states(block_size)
     seq_colour = {"A": "tab:blue", "B": "tab:orange", "A'": "tab:green"}
-    fig, axes = plt.subplots(1, len(states), figsize=(15, 5.2), constrained_layout=True)
+    fig, axes = subplots(1, len(states), figsize=(15, 5.2), constrained_layout=True)
     pool = sorted({x for s in states for t in s.tables.values() for x in t})
     order = ("A", "A'", "B")
     for ax, st in zip(axes, states):
@@ -256,7 +247,6 @@ def block_tables(path: str | Path, block_size: int = 4) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -267,7 +257,5 @@ def make_all(out_dir: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    import sys
-
     for p in make_all(sys.argv[1] if len(sys.argv) > 1 else "papers/figures"):
         print(p)

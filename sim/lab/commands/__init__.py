@@ -1,0 +1,1 @@
+"""One module per `servesim` command: a click command that parses options and calls the lab."""
