@@ -112,8 +112,10 @@ Masking, and why padding is safe
   is the null block, a real block of the pool, written only by padding tokens.
 
 Numerics match the reference: scores and softmax in float32, p cast to the cache dtype for
-p @ v with float32 accumulation (Triton lowers a float32 dot with default precision as IEEE
-float32, not TF32).
+p @ v with float32 accumulation. The dots ask for Precision.HIGHEST: at DEFAULT precision the
+Triton lowering turns a float32 dot into TF32 tensor-core MMA (10-bit mantissa, ~1e-3 error);
+HIGHEST keeps float32 exact (decode is memory-bound, so this costs nothing there), and leaves
+bfloat16 / float16 operands on their native tensor-core MMA with float32 accumulation.
 
 GPU constraints (checked when not interpreting): head_dim a power of two >= 16 (Llama: 128).
 Block size, GQA ratio, tile and number of blocks per table are free.
@@ -152,8 +154,12 @@ _MASKED = pa._MASKED  # large finite negative: fully masked rows stay finite (ne
 _MIN_TILE = 16  # smallest matmul tile Triton handles well (rows, keys per step)
 _TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200 (132 SMs)
 _MIN_STEPS_PER_SPLIT = 4  # a context split should amortise its merge
+# Triton lowers a float32 dot at DEFAULT precision as TF32 (10-bit mantissa); HIGHEST makes it
+# IEEE float32. bfloat16/float16 operands are unaffected (native tensor-core MMA, float32 sums).
+_PRECISION = lax.Precision.HIGHEST
 NUM_WARPS = 4
 NUM_STAGES = 2
+DEBUG = False  # True: print the kernel's jaxpr and, when lowering for a GPU, its Triton IR
 
 
 def _pow2_at_least(n: int) -> int:
@@ -196,7 +202,7 @@ def _attention_kernel(row_pos_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_re
         k = plgpu.load(k_ref.at[kv_index], mask=live[:, None], other=0)  # [TK, D]
         v = plgpu.load(v_ref.at[kv_index], mask=live[:, None], other=0)  # [TK, D]
 
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_PRECISION,
                             preferred_element_type=jnp.float32) * scale  # [R, TK] q @ k^T
         visible = key_pos[None, :] <= row_pos[:, None]  # [R, TK] causal + context length
         s = jnp.where(visible, s, _MASKED)  # [R, TK]
@@ -204,7 +210,7 @@ def _attention_kernel(row_pos_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_re
         alpha = jnp.exp(m - m_new)  # [R] rescale of the steps so far
         p = jnp.exp(s - m_new[:, None])  # [R, TK]
         l_new = alpha * l + jnp.sum(p, axis=1)  # [R]
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_PRECISION,
                              preferred_element_type=jnp.float32)  # [R, D] p @ v
         return m_new, l_new, alpha[:, None] * acc + pv
 
@@ -278,6 +284,7 @@ def _attend_tiles(q: Array, q_pos: Array, tables: Array, k_cache: Array, v_cache
             jax.ShapeDtypeStruct((C, N, K, R), jnp.float32),  # l
         ],
         interpret=interpret,
+        debug=DEBUG,
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         name="paged_attention",
     )(row_pos, tables.astype(jnp.int32), q_rows, k_flat, v_flat)

@@ -216,6 +216,17 @@ def assert_pool_only_reaches_the_kernel(jaxpr):
     assert len(reached_kernel) == 2
 
 
+def test_float32_dots_are_ieee_not_tf32(monkeypatch, capsys):
+    """At DEFAULT precision Triton would run float32 dots as TF32; the kernel asks for IEEE."""
+    monkeypatch.setattr(pk, "DEBUG", True)  # pallas_call prints the Triton module it lowers
+    pool = S((8, 16, 2, 16), jnp.float32)
+    decode = functools.partial(pk.paged_decode_attention_pallas, interpret=False)
+    jax.jit(decode).trace(S((2, 4, 16), jnp.float32), pool, pool, S((2, 4), jnp.int32),
+                          S((2,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    ir = capsys.readouterr().out
+    assert ir.count("tt.dot") == 2 and "tf32" not in ir
+
+
 def test_gpu_path_rejects_what_triton_cannot_lower():
     pool = jnp.zeros((4, 16, 1, 8), jnp.float32)  # head_dim 8: not a Triton matmul tile
     with pytest.raises(ConfigError, match="head_dim"):
