@@ -34,7 +34,7 @@ each of its logical blocks: token position p of that sequence lives at
 
 of the pool seen flat as [NB * BS, K, D] (the same slot `write_kv` writes to). Tables are
 padded with 0, the null block, so every entry is a real block in the pool: a padded entry is
-never an out-of-bounds address, only a block whose contents get masked (see "Padding").
+never an out-of-bounds address, only a block whose contents get masked (see "Masking").
 
 One kernel does both decode and ragged prefill. Both are "tiles" of queries from ONE sequence:
 decode is a tile of one query at position context_len - 1; prefill cuts each sequence's new
@@ -117,8 +117,13 @@ Triton lowering turns a float32 dot into TF32 tensor-core MMA (10-bit mantissa, 
 HIGHEST keeps float32 exact (decode is memory-bound, so this costs nothing there), and leaves
 bfloat16 / float16 operands on their native tensor-core MMA with float32 accumulation.
 
-GPU constraints (checked when not interpreting): head_dim a power of two >= 16 (Llama: 128).
-Block size, GQA ratio, tile and number of blocks per table are free.
+GPU constraints (checked when not interpreting): head_dim a power of two >= 16 (Llama: 128),
+keys_per_step a power of two >= 16. Block size, GQA ratio, tile and table width are free.
+
+Status: correct in interpret mode (tests/test_pallas_attention.py, against the jnp reference and
+float64); lowers to Triton IR for platform "cuda" without a GPU (tested). Not yet run on a GPU:
+experiments/benchmarks/paged_attention_kernel.py times it there and prints max|kernel - jnp|
+for every cell. `DEBUG = True` prints the kernel's jaxpr and Triton IR while lowering.
 
 Wiring into the runner (for the lead)
 -------------------------------------
@@ -128,11 +133,13 @@ Wiring into the runner (for the lead)
 
 "auto" is the Pallas kernel when JAX's default backend is a GPU and the jnp reference
 elsewhere; "pallas" forces the kernel (interpreted off GPU: slow, for tests); "jnp" forces the
-reference. In `ModelRunner.__init__(..., attention: str = "auto")` store
-`self._decode_attn, self._prefill_attn = attention_backend(attention)` and pass them to `_step`
-as static (hashable) arguments, replacing `pa.paged_decode_attention` and
-`pa.paged_prefill_attention` in `attend`. Only the paged layout has a kernel; the contiguous
-layout keeps the jnp path.
+reference. An unknown name raises ConfigError("attention", ...) listing the allowed names.
+In `ModelRunner.__init__(..., attention: str = "auto")` call `attention_backend(attention)` once
+(so a bad name fails before any work) and keep the pair; pass it to `_step` as one more static
+argument of `model_step` (add it to static_argnames: the functions are module-level, hence
+hashable), and in `attend` call the pair instead of `pa.paged_decode_attention` and
+`pa.paged_prefill_attention` (same positional arguments, `tile` included). Only the paged
+layout has a kernel; the contiguous layout keeps the jnp path.
 """
 from __future__ import annotations
 
@@ -243,12 +250,16 @@ def _attend_tiles(q: Array, q_pos: Array, tables: Array, k_cache: Array, v_cache
     G = H // K  # query heads per kv head
     rows = TQ * G  # real rows per (tile, kv head)
     R = _pow2_at_least(max(_MIN_TILE, rows))  # padded rows
-    TK = keys_per_step or _pow2_at_least(max(_MIN_TILE, BS))
-    if TK & (TK - 1) or TK < 1:
-        raise ConfigError("keys_per_step", f"got {keys_per_step!r}", "a power of two (>= 16 on a GPU)")
-    if not interpret and (D & (D - 1) or D < _MIN_TILE or TK < _MIN_TILE):
-        raise ConfigError("head_dim", f"the Triton kernel needs a power of two >= 16, got head_dim={D}, "
-                          f"keys_per_step={TK}", "head_dim 16, 32, 64, 128, 256 (or interpret=True)")
+    TK = keys_per_step or _pow2_at_least(max(_MIN_TILE, BS))  # keys per loop step
+    if H % K:
+        raise ConfigError("heads", f"{H} query heads do not share {K} kv heads evenly", "a multiple of kv_heads")
+    if TK < 1 or TK & (TK - 1) or (not interpret and TK < _MIN_TILE):
+        raise ConfigError("keys_per_step", f"got {keys_per_step!r}", "a power of two, >= 16 on a GPU")
+    if not interpret and (D & (D - 1) or D < _MIN_TILE):
+        raise ConfigError("head_dim", f"the Triton kernel needs a power of two >= 16, got {D}",
+                          "16, 32, 64, 128, 256 (or interpret=True)")
+    if context_splits is not None and (not isinstance(context_splits, int) or context_splits < 1):
+        raise ConfigError("context_splits", f"got {context_splits!r}", "None (from the shapes) or an integer >= 1")
     max_steps = -(-MB * BS // TK)  # key steps of the longest possible context
     C = context_splits or _default_splits(N * K, max_steps)
 
