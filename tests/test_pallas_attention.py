@@ -246,3 +246,26 @@ def test_attention_backend_names():
     assert pk.attention_backend("auto") == pk.attention_backend(want)
     with pytest.raises(ConfigError, match=r"attention: .*'triton'.*allowed: auto, pallas, jnp"):
         pk.attention_backend("triton")
+
+
+def test_backend_pair_swaps_in_under_jit():
+    """As the runner will call the pair: positional arguments (tile too), inside one jitted step."""
+    b = FIXED
+    seqs, flat, kc, vc, tables = prefill_case(b)
+    q_dec = flat["q"][np.maximum(flat["query_start"][1:] - 1, 0)]  # [S, H, D] a query per sequence
+
+    def step(decode, prefill, tile):
+        def run(q, kc, vc, tables, seq_ids, positions, query_start, context_lens, q_dec):
+            return (prefill(q, kc, vc, tables, seq_ids, positions, query_start, context_lens, tile),
+                    decode(q_dec, kc, vc, tables, context_lens))
+        return jax.jit(run)
+
+    args = (flat["q"], kc, vc, tables, flat["seq_ids"], flat["positions"], flat["query_start"],
+            flat["context_lens"], q_dec)
+    got = step(*pk.attention_backend("pallas"), b["tile"])(*args)
+    want = step(*pk.attention_backend("jnp"), b["tile"])(*args)
+    n_tokens, n_seqs = sum(b["new"]), len(seqs)  # real tokens, real sequences
+    np.testing.assert_allclose(np.asarray(got[0])[:n_tokens], np.asarray(want[0])[:n_tokens],
+                               atol=ATOL_JNP, rtol=ATOL_JNP)
+    np.testing.assert_allclose(np.asarray(got[1])[:n_seqs], np.asarray(want[1])[:n_seqs],
+                               atol=ATOL_JNP, rtol=ATOL_JNP)
