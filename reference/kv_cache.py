@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import numpy as np
 
 from reference import paged_attention as pa
 from reference.batch import ScheduledChunk
+from reference.pallas_attention import attention_backend
 from reference.config import ModelConfig
 from reference.layout import NULL_BLOCK, Layout, PagedLayout, SlotLayout
 
@@ -77,9 +78,15 @@ def copy_blocks(cache: KVCache, copies) -> KVCache:
 
 @dataclass(frozen=True)
 class PagedAccess:
-    """K/V found through block tables. Hashable: the jitted step takes it as a static argument."""
+    """K/V found through block tables. Hashable: the jitted step takes it as a static argument.
+
+    decode_fn / prefill_fn: the paged attention that reads them (reference.paged_attention, or the
+    Pallas kernel of reference.pallas_attention, which reads K/V through the table in place).
+    """
 
     layout: PagedLayout
+    decode_fn: Callable = pa.paged_decode_attention
+    prefill_fn: Callable = pa.paged_prefill_attention
 
     @property
     def pad_slot(self) -> int:
@@ -103,13 +110,13 @@ class PagedAccess:
 
     def decode(self, q: Array, k: Array, v: Array, part: dict, context_lens: Array, context: int) -> Array:
         """One query per row over its table: q [S, H, D] -> [S, H, D]."""
-        return pa.paged_decode_attention(q, k, v, part["tables"], context_lens)
+        return self.decode_fn(q, k, v, part["tables"], context_lens)
 
     def prefill(self, q: Array, k: Array, v: Array, part: dict, positions: Array, context_lens: Array,
                 context: int, tile: int) -> Array:
         """Ragged queries over their tables: q [T, H, D] -> [T, H, D]."""
-        return pa.paged_prefill_attention(q, k, v, part["tables"], part["seq_ids"], positions, part["query_start"],
-                                          context_lens, tile)
+        return self.prefill_fn(q, k, v, part["tables"], part["seq_ids"], positions, part["query_start"], context_lens,
+                               tile)
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,11 @@ class SlotAccess:
 Access = PagedAccess | SlotAccess
 
 
-def access_for(layout: Layout) -> Access:
-    """How a step addresses this layout's arrays."""
-    return PagedAccess(layout) if isinstance(layout, PagedLayout) else SlotAccess(layout)
+def access_for(layout: Layout, attention: str = "auto") -> Access:
+    """How a step addresses this layout's arrays.
+
+    attention (paged layout): "auto" (the Pallas kernel on a GPU, the jnp reference elsewhere), "pallas"
+    or "jnp" (reference.pallas_attention.attention_backend). The slot layout always reads its slot in jnp.
+    """
+    decode_fn, prefill_fn = attention_backend(attention)  # checks the name for both layouts
+    return PagedAccess(layout, decode_fn, prefill_fn) if isinstance(layout, PagedLayout) else SlotAccess(layout)

@@ -125,8 +125,8 @@ float64); lowers to Triton IR for platform "cuda" without a GPU (tested). Not ye
 experiments/benchmarks/paged_attention_kernel.py times it there and prints max|kernel - jnp|
 for every cell. `DEBUG = True` prints the kernel's jaxpr and Triton IR while lowering.
 
-Wiring into the runner (for the lead)
--------------------------------------
+Where it is used
+----------------
 `attention_backend(name)` returns (decode_fn, prefill_fn) with the reference's signatures:
 
     decode_fn, prefill_fn = attention_backend("auto")   # "auto" | "pallas" | "jnp"
@@ -134,12 +134,9 @@ Wiring into the runner (for the lead)
 "auto" is the Pallas kernel when JAX's default backend is a GPU and the jnp reference
 elsewhere; "pallas" forces the kernel (interpreted off GPU: slow, for tests); "jnp" forces the
 reference. An unknown name raises ConfigError("attention", ...) listing the allowed names.
-In `ModelRunner.__init__(..., attention: str = "auto")` call `attention_backend(attention)` once
-(so a bad name fails before any work) and keep the pair; pass it to `_step` as one more static
-argument of `model_step` (add it to static_argnames: the functions are module-level, hence
-hashable), and in `attend` call the pair instead of `pa.paged_decode_attention` and
-`pa.paged_prefill_attention` (same positional arguments, `tile` included). Only the paged
-layout has a kernel; the contiguous layout keeps the jnp path.
+`ModelRunner(..., attention="auto")` passes the name to `kv_cache.access_for`, whose
+`PagedAccess` (a static argument of the compiled step) calls the pair. Only the paged layout
+has a kernel; the slot layout keeps the jnp path.
 """
 from __future__ import annotations
 

@@ -106,11 +106,13 @@ class ModelRunner:
     layout: the scheduler's reference.layout.PagedLayout or SlotLayout.
     sampling_seed: seeds requests whose SamplingParams.seed is None (mixed with the request id).
     min_tokens / min_seqs / min_blocks: smallest buckets; query_tile: queries per prefill tile.
+    attention: paged attention "auto" (the Pallas kernel on a GPU, pure jnp elsewhere), "pallas" or "jnp".
     """
 
     def __init__(self, cfg: ModelConfig | str, params: Params | None = None, *, layout: Layout,
                  seed: int = 0, dtype: Any = jnp.float32, sampling_seed: int = 0,
-                 min_tokens: int = 16, min_seqs: int = 4, min_blocks: int = 4, query_tile: int = 32):
+                 min_tokens: int = 16, min_seqs: int = 4, min_blocks: int = 4, query_tile: int = 32,
+                 attention: str = "auto"):
         self.cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
         if name not in DTYPES:
@@ -120,7 +122,7 @@ class ModelRunner:
             raise ConfigError("layout", f"got {layout!r}", "PagedLayout(num_blocks, block_size) or "
                               "SlotLayout(num_slots, max_len)")
         self.layout = layout
-        self.access = kvc.access_for(layout)
+        self.access = kvc.access_for(layout, attention)
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else params
         self.cache = kvc.allocate(self.cfg, layout, self.dtype)
         self.sampling_seed = sampling_seed
@@ -244,7 +246,7 @@ class ModelRunner:
         return True
 
     def _compile_key(self, step: PreparedStep) -> tuple:
-        return (self.cfg, self._params_signature, jnp.dtype(self.dtype).name, self.layout, self.query_tile, step.key)
+        return (self.cfg, self._params_signature, jnp.dtype(self.dtype).name, self.access, self.query_tile, step.key)
 
     def run(self, step: PreparedStep) -> list[int]:
         """Device side of a step: block copies, then the compiled forward + sampling; token ids to host."""

@@ -314,3 +314,15 @@ def test_prepared_arrays_have_the_padded_sizes_the_cost_model_prices(decode_ctx,
                     assert step.batch[part]["tables"].shape[1] * layout.block_size == ctx
         else:
             assert step.contexts == (pad.decode_context, pad.prefill_context)
+
+
+def test_the_pallas_kernel_serves_the_paged_runner():
+    """attention="pallas" (interpreted here) runs the whole model through the kernel: the same greedy tokens."""
+    ps = prompts([13, 5])
+    expected = [dense_greedy(p, 3) for p in ps]
+    kernel = paged(attention="pallas")
+    assert kernel.access.decode_fn.__name__ == "paged_decode_attention_pallas"
+    assert run(kernel, ps, [0, 1], sampling=SamplingParams(max_tokens=3)) == expected
+    with pytest.raises(ConfigError) as e:
+        paged(attention="cuda")
+    assert e.value.field == "attention" and "pallas" in e.value.allowed

@@ -26,7 +26,6 @@ import argparse
 import csv
 import functools
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -35,10 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from reference import paged_attention as pa  # noqa: E402
-from reference import pallas_attention as pk  # noqa: E402
+from reference import paged_attention as pa
+from reference import pallas_attention as pk
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
 ON_GPU = jax.default_backend() == "gpu"
