@@ -137,20 +137,34 @@ async def _open_loop(wl, client: _Client, on_finish, limit: int | None) -> None:
     await asyncio.gather(*tasks)
 
 
+def client_session():
+    """The benchmark's aiohttp session: no connection cap, no total timeout, a new connection per request.
+
+    force_close: a server may close a kept-alive connection between two requests (llama-server's
+    HTTP library closes idle ones after a few seconds and after a number of requests); a request
+    then written on it fails (ClientOSError "Can not write request body", ServerDisconnectedError)
+    although the server never saw it. A fresh connection per request cannot meet a stale one (the
+    older vLLM benchmark_serving.py opened a session per request); a loopback connect costs tens of
+    microseconds, nothing next to a request.
+    """
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=None))
+
+
 async def _run_cell(exp: Experiment, cell: Cell, base_url: str, model: str, on_finish, warm: bool) -> float:
-    """Run one cell (warm: only the first request per client, or the first open-loop ones, unrecorded).
+    """Run one cell (warm: only the first request per client, or the first open-loop ones).
+
+    on_finish(request, client_id) sees every request that ends, completed or not.
 
     Returns the wall time (s).
     """
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with client_session() as session:
         wl = exp.workload.build(exp.seed, exp.model_spec.vocab_size, cell.load)
         client = _Client(session, base_url, model, time.perf_counter(), wl.timeout_s)
-        sink = (lambda r, c: None) if warm else on_finish
         if isinstance(wl, ClosedLoopWorkload):
-            await _closed_loop(wl, client, sink, WARMUP_REQUESTS_PER_CLIENT if warm else None)
+            await _closed_loop(wl, client, on_finish, WARMUP_REQUESTS_PER_CLIENT if warm else None)
         else:
-            await _open_loop(wl, client, sink, WARMUP_OPEN_LOOP_REQUESTS if warm else None)
+            await _open_loop(wl, client, on_finish, WARMUP_OPEN_LOOP_REQUESTS if warm else None)
         return client.now()
 
 
@@ -198,12 +212,19 @@ def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resum
     for cell in todo:
         acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate, keep_token_times=True)
         if warmup:
-            asyncio.run(_run_cell(exp, cell, base_url, model, acc.add, warm=True))
+            warm_failed: list[Request] = []
+            asyncio.run(_run_cell(exp, cell, base_url, model, lambda r, c: r.outcome != Outcome.COMPLETED
+                                  and warm_failed.append(r), warm=True))
+            if warm_failed:  # unrecorded, but never hidden
+                echo(f"  {cell.label}: {len(warm_failed)} warm-up request(s) failed, e.g. "
+                     f"{warm_failed[0].outcome.value}: {warm_failed[0].reason}")
         pre = asyncio.run(_scrape(base_url, "vllm:num_preemptions_total"))
         wall = asyncio.run(_run_cell(exp, cell, base_url, model, acc.add, warm=False))
         post = asyncio.run(_scrape(base_url, "vllm:num_preemptions_total"))
         extra = dict(driver="http", url=base_url, model=model, wall_s=wall,
                      preemptions=None if pre is None or post is None else int(post - pre))
-        writer.finish_cell(acc, slo=exp.slo, extra=extra)
-        echo(f"  {cell.label}: {len(acc)} requests in {wall:.1f} s")
+        s = writer.finish_cell(acc, slo=exp.slo, extra=extra)
+        failed = ", ".join(f"{s[k]} {k}" for k in ("refused", "timed_out", "aborted", "unfinished") if s.get(k))
+        echo(f"  {cell.label}: {len(acc)} requests in {wall:.1f} s"
+             + (f"; NOT COMPLETED: {failed} (reasons in requests.csv)" if failed else ""))
     return pd.DataFrame(writer.summaries)
