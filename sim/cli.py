@@ -13,6 +13,7 @@ from reference.config import PRESETS
 from reference.errors import ConfigError
 from sim.audit import audit_command
 from sim.claims import claims_command
+from sim.cli_measured import measured_command
 from sim.cli_physics import hardware_command, steptime_command
 from sim.cli_serve import serve_command
 from sim.cli_validate import validate_command
@@ -127,3 +128,4 @@ def profile_command(model_name: str, out_path: Path, dtype: str, grid: str, repe
 for command in (hardware_command, steptime_command, claims_command, audit_command, trace_command, serve_command,
                 validate_command):
     main.add_command(command)
+main.add_command(measured_command)
