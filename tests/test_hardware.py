@@ -14,6 +14,9 @@ from sim.lab.commands.hardware import command as hardware_command
 from sim.core.hardware import HARDWARE, Hardware, get_hardware
 
 NAMES = ["rtx-4090", "l40s", "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200", "cpu-generic"]
+# Presets added for the runtime laws (sim.runtimes), after the original ones.
+NAMES += ["rtx-3090", "rtx-3090-ti", "rtx-4080", "rtx-a6000", "rtx-6000-ada", "l4", "a10g", "a40", "l40",
+          "a100-pcie-40gb", "a100-pcie-80gb", "a100-sxm-40gb", "a100-sxm-80gb", "h100-nvl"]
 
 
 def test_all_presets_present_and_sane():

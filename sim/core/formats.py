@@ -17,6 +17,8 @@ zero points included, so weight_bytes(...) is what a decode step streams from me
 - gguf-q4_k_m: a mix (Q4_K at 4.5 bpw for most tensors, Q6_K at 6.5625 for half of attn_v /
   ffn_down and for the output matrix); llama.cpp reports ~4.85-4.9 bpw averaged over the whole
   file for Llama-3-8B. We use 4.85 (design brief) for every tensor, embeddings included.
+- gguf-q4_0: blocks of 32 4-bit weights with one fp16 scale: (32 x 4 + 16) / 32 = 4.5 (files keep the
+  output matrix at Q6_K, ~4.54 bpw averaged over Llama-2-7B's 3.56 GiB / 6.74 B params; 4.5 used).
 - nvfp4: 4-bit E2M1 values with one FP8 (E4M3) scale per 16: 4 + 8 / 16 = 4.5 (plus one FP32
   scale per tensor, negligible).
 
@@ -73,6 +75,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
         WeightFormat("gguf-q4_k_m", 4.85, 4.85, ("fp16",), "llama.cpp Q4_K_M (whole-file average)"),
         WeightFormat("gguf-q8_0", 8.5, 8.5, ("fp16",), "llama.cpp Q8_0: 32 int8 + fp16 scale"),
         WeightFormat("nvfp4", 4.5, 16.0, ("fp4", "fp16"), "NVFP4: E2M1 + FP8 scale per 16"),
+        WeightFormat("gguf-q4_0", 4.5, 4.5, ("fp16",), "llama.cpp Q4_0: 32 x 4-bit + fp16 scale"),
     ]
 }
 

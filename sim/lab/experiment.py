@@ -83,6 +83,8 @@ from sim.core.formats import KV_DTYPES, WEIGHT_FORMATS
 from sim.core.hardware import HARDWARE, Hardware, get_hardware
 from sim.core.memory import REFERENCE_KV_BUDGET, MemoryPlan, device_budget, reference_budget
 from sim.core.roofline import RooflineCostModel
+from sim.core.runtime_costmodel import RuntimeCostModel
+from sim.core.runtimes import FIT_PATH, RUNTIMES, load_fit
 from sim.lab.metrics import SLO, cell_label
 from sim.lab.schema import Bool, ConfigModel, Int, Number, Str, validate
 from sim.lab.workload import Workload
@@ -91,6 +93,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PositiveInt = Annotated[Int, Field(ge=1)]
 Fraction = Annotated[Number, Field(gt=0, le=1)]
 WeightFormat = Literal[tuple(WEIGHT_FORMATS)]
+Runtime = Literal[RUNTIMES]
 KVDtype = Literal[tuple(KV_DTYPES)]
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -126,6 +129,7 @@ class EngineConfig(ConfigModel):
     weights: WeightFormat = "fp16"  # sim.core.formats name, sim only; the reference engine ignores it
     kv_dtype: KVDtype = "fp16"  # sim.core.formats name, sim only; the reference engine keeps K/V in its dtype
     max_queue: Annotated[Int, Field(ge=0)] = 0  # waiting requests beyond which new ones are refused (0 = unbounded)
+    runtime: Runtime = "vllm"  # whose kernels execute a step on a GPU (cost_model.kind = "runtime")
 
     CONTEXT_KEY: ClassVar[str] = "max_model_len"
 
@@ -154,6 +158,11 @@ class EngineConfig(ConfigModel):
     @property
     def max_batch(self) -> int:
         """The most requests computed together in one step."""
+        raise NotImplementedError
+
+    @property
+    def ubatch(self) -> int:
+        """Tokens one forward pass computes at most (llama.cpp splits a bigger step into micro-batches)."""
         raise NotImplementedError
 
     def resolve(self, model: ModelConfig) -> EngineConfig:
@@ -227,6 +236,7 @@ class SequentialEngine(EngineConfig):
     scheduler: Literal["sequential"] = "sequential"
     weights: WeightFormat = "gguf-q4_k_m"
     max_queue: Annotated[Int, Field(ge=0)] = 512
+    runtime: Runtime = "llama.cpp"
     num_parallel: PositiveInt = 1
     num_ctx: PositiveInt | None = None  # tokens per slot; None = min(4096, model context), resolved by Experiment
     n_batch: PositiveInt = 2048
@@ -244,6 +254,10 @@ class SequentialEngine(EngineConfig):
     @property
     def max_batch(self) -> int:
         return self.num_parallel
+
+    @property
+    def ubatch(self) -> int:
+        return self.n_ubatch
 
     def resolve(self, model):
         changes = _within_model(self, "num_ctx", model, min(4096, model.max_position))
@@ -310,6 +324,10 @@ class StaticEngine(EngineConfig):
     @property
     def max_batch(self) -> int:
         return self.max_batch_size
+
+    @property
+    def ubatch(self) -> int:
+        return self.max_batch_size * self.max_model_len
 
     def resolve(self, model):
         changes = _within_model(self, "max_model_len", model, model.max_position)
@@ -385,6 +403,10 @@ class _PagedEngine(EngineConfig):
     @property
     def max_batch(self) -> int:
         return self.max_num_seqs
+
+    @property
+    def ubatch(self) -> int:
+        return self.max_num_batched_tokens
 
     def resolve(self, model):
         changes = _within_model(self, "max_model_len", model, model.max_position)
@@ -543,13 +565,37 @@ class CalibratedConfig(ConfigModel):
                                                 field="cost_model.profile", check_model=not self.allow_model_mismatch)
 
 
+class RuntimeConfig(ConfigModel):
+    """cost_model.kind = "runtime": each engine's runtime (llama.cpp or vLLM) at its calibrated law on the device.
+
+    The laws and their fitted parameters: sim.core.runtimes, `servesim measured`.
+    """
+
+    kind: Literal["runtime"]
+    hardware: Literal[tuple(HARDWARE)] | None = None  # default: [hardware] preset
+    weight_format: WeightFormat | None = None  # default: the engine's weights
+    kv_dtype: KVDtype | None = None  # default: the engine's kv_dtype
+    tp: PositiveInt | None = None  # default: [hardware] tp
+    fit: Str | None = None  # the fitted parameters (default: experiments/measured/runtime_fit.json)
+
+    def build(self, model: ModelConfig, engine: EngineConfig, exp: Experiment, layout: Layout) -> CostModel:
+        """The engine's runtime law on the experiment's device."""
+        hw = self.hardware or exp.hardware.preset
+        if hw is None:
+            raise ConfigError("hardware.preset", "a runtime cost model needs a device", "a name from `servesim hardware`")
+        fit = load_fit(exp.base_dir / self.fit if self.fit else FIT_PATH)
+        return RuntimeCostModel(model, hw, engine.runtime, self.weight_format or engine.weights,
+                                self.kv_dtype or engine.kv_dtype, self.tp or exp.hardware.tp, engine.ubatch, fit,
+                                field_prefix="cost_model.")
+
+
 def _cost_model_kind(value) -> str:
     """The [cost_model] table's kind; roofline when the table does not say."""
     return value.get("kind", "roofline") if isinstance(value, dict) else getattr(value, "kind", None)
 
 
-CostModelConfig = Annotated[Union[Annotated[RooflineConfig, Tag("roofline")], Annotated[CalibratedConfig, Tag("calibrated")]],
-                            Discriminator(_cost_model_kind)]
+CostModelConfig = Annotated[Union[Annotated[RooflineConfig, Tag("roofline")], Annotated[CalibratedConfig, Tag("calibrated")],
+                                  Annotated[RuntimeConfig, Tag("runtime")]], Discriminator(_cost_model_kind)]
 
 
 # ---------------------------------------------------------------------------------------
