@@ -90,6 +90,10 @@ GRIDS: dict[str, Grid] = {
                     mixed_prefill=(64, 256), mixed_cached=(0, 128, 512), mixed_batch=(4, 16),
                     mixed_context=(256, 1024),
                     host_batch=(1, 4, 16, 64, 256)),
+    # One short GPU lease (experiments/gpu/run.sh): the 8B shape's few buckets that a 1-32 client run meets
+    # with max_model_len 512; every shape compiles once, so the grid is kept to about ten.
+    "gpu": Grid(decode_batch=(1, 8, 32), decode_context=(256, 512), prefill_tokens=(128, 512), prefill_cached=(0,),
+                mixed_prefill=(128,), mixed_cached=(0,), mixed_batch=(8,), mixed_context=(512,), host_batch=(1, 8, 32)),
     # GPU scale.
     "full": Grid(decode_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                  decode_context=(128, 256, 512, 1024, 2048, 4096, 8192),
