@@ -218,3 +218,16 @@ def test_any_small_pool_keeps_its_books_and_order(block_size, extra_blocks, cach
     taken, back = _books(trace)
     assert taken == back
     assert _replay(trace) == set()
+
+
+def test_client_timeouts_free_what_they_held_and_the_books_still_balance():
+    exp = with_overrides(load_experiment(SMALL), ["workload.timeout_s=0.0012"])
+    for engine in ("paged", "slots"):
+        trace = trace_cell(exp, engine)
+        ended = _events(trace, "abort")
+        assert ended and all(e.detail.startswith("timed_out") for e in ended)
+        assert any(e.blocks for e in ended) and any(not e.blocks for e in ended)  # running ones free KV; waiting ones none
+        taken, back = _books(trace)
+        assert taken == back
+        assert trace.scheduler.kv_holdings() == {}
+    assert _replay(trace_cell(exp, "paged")) == set()
