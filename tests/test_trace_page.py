@@ -35,8 +35,8 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-backgroun
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
          "--window-size=1920,1080")
 
-READ_PANEL = """
-const sec = document.querySelector(`section.panel[data-engine="${arguments[0]}"]`);
+READ_PANEL_JS = """function readPanel(engine) {
+const sec = document.querySelector(`section.panel[data-engine="${engine}"]`);
 if (!sec) return null;
 const tables = {};
 sec.querySelectorAll("g.seq").forEach((g) => {
@@ -57,6 +57,17 @@ return {step: Number(sec.dataset.step), tables: tables, refs: refs, slots: slots
         waiting: [...sec.querySelectorAll(".queue .chip")].map((c) => c.dataset.rid),
         events: [...sec.querySelectorAll(".events li.ev")].map((li) => li.textContent),
         frame: Number(document.body.dataset.frame), scene: document.body.dataset.scene};
+}"""
+READ_PANEL = READ_PANEL_JS + "\nreturn readPanel(arguments[0]);"
+# Every frame in one round trip: the page's own keydown handler, fed ArrowRight events, read after each.
+READ_ALL_FRAMES = READ_PANEL_JS + """
+const seen = [];
+document.dispatchEvent(new KeyboardEvent("keydown", {key: "Home"}));
+for (let k = 0; k < arguments[0]; k++) {
+  if (k) document.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowRight"}));
+  seen.push({paged: readPanel("paged"), slots: readPanel("slots")});
+}
+return seen;
 """
 
 
@@ -92,57 +103,55 @@ def _expected_events(rec, paged=True):
     return [describe_event(e, paged, rec.refcount) for e in rec.events]
 
 
-def test_keys_step_through_the_trace_and_the_page_shows_each_step(browser, traced):
+def _check_paged(seen, rec) -> None:
+    assert seen["step"] == rec.step
+    assert seen["tables"] == rec.tables  # every block table, block by block
+    assert seen["refs"] == {str(b): n for b, n in rec.refcount.items()}
+    assert seen["waiting"] == rec.waiting
+    assert seen["events"] == _expected_events(rec)  # the trace's events, in its (causal) order
+    for a in seen["arrows"]:
+        assert rec.tables[a["seq"]][a["logical"]] == a["to"]
+        assert a["lands"], f"step {rec.step}: arrow {a} does not end on block {a['to']}"
+    assert len(seen["arrows"]) == sum(len(t) for t in rec.tables.values())
+
+
+def test_every_frame_shows_its_step_of_the_trace(browser, traced):
     path, paged, slots = traced
     browser.get(path.as_uri())
-    _press(browser, Keys.HOME)
-    shown_steps = []
-    checked = 0
-    for frame in range(len(paged.records)):
-        if frame:
-            _press(browser, Keys.ARROW_RIGHT)
-        seen = browser.execute_script(READ_PANEL, "paged")
-        rec = paged.records[frame]
-        assert seen["frame"] == frame and seen["scene"] == "scenario"
-        assert seen["step"] == rec.step
-        shown_steps.append(seen["step"])
-        assert seen["tables"] == rec.tables  # every block table, block by block
-        assert seen["refs"] == {str(b): n for b, n in rec.refcount.items()}
-        assert seen["waiting"] == rec.waiting
-        assert seen["events"] == _expected_events(rec)  # the trace's events, in its (causal) order
-        for a in seen["arrows"]:
-            assert rec.tables[a["seq"]][a["logical"]] == a["to"]
-            assert a["lands"], f"step {rec.step}: arrow {a} does not end on block {a['to']}"
-        assert len(seen["arrows"]) == sum(len(t) for t in rec.tables.values())
+    frames = browser.execute_script(READ_ALL_FRAMES, len(paged.records))
+    assert len(frames) == len(paged.records) >= 20
+    for frame, (seen, rec) in enumerate(zip(frames, paged.records)):
+        assert seen["paged"]["frame"] == frame and seen["paged"]["scene"] == "scenario"
+        _check_paged(seen["paged"], rec)
         # The slots panel beside it shows the slots trace's step under way at that time.
         under_way = [r for r in slots.records if r.time_s <= rec.time_s + 1e-12]
-        side = browser.execute_script(READ_PANEL, "slots")
         if under_way:
             srec = under_way[-1]
-            assert side["step"] == srec.step
-            assert side["slots"] == {rid: [t[0], srec.held_tokens[rid]] for rid, t in srec.tables.items()}
-        checked += 1
-    assert shown_steps == [r.step for r in paged.records]
-    assert checked >= 20
+            assert seen["slots"]["step"] == srec.step
+            assert seen["slots"]["slots"] == {rid: [t[0], srec.held_tokens[rid]] for rid, t in srec.tables.items()}
+    severe = [m for m in browser.get_log("browser") if m["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+def test_real_key_presses_step_forwards_and_backwards(browser, traced):
+    path, paged, slots = traced
+    browser.get(path.as_uri())
     # The key step: the first preemption, and the blocks it freed handed on in the same step.
     first = next(r for r in paged.records if r.preempted)
-    _press(browser, Keys.HOME, *([Keys.ARROW_RIGHT] * (first.step - 1)))
+    _press(browser, Keys.HOME, Keys.ARROW_RIGHT * (first.step - 1))
     seen = browser.execute_script(READ_PANEL, "paged")
+    _check_paged(seen, first)
     kinds = [e.kind for e in first.events]
     assert kinds.index("no_room") < kinds.index("preempt") < kinds.index("alloc")
-    assert seen["events"] == _expected_events(first)
     assert browser.find_elements(By.CSS_SELECTOR, 'section[data-engine="paged"] rect.preempted-from')
-    # Backwards, End and Home.
     _press(browser, Keys.ARROW_LEFT)
-    assert browser.execute_script(READ_PANEL, "paged")["step"] == first.step - 1
+    _check_paged(browser.execute_script(READ_PANEL, "paged"), paged.records[first.step - 2])
     _press(browser, Keys.END)
     last_frame = int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-frame"))
     assert last_frame >= len(paged.records) - 1
     assert browser.execute_script(READ_PANEL, "slots")["step"] == slots.records[-1].step
     _press(browser, Keys.HOME)
-    assert browser.execute_script(READ_PANEL, "paged")["step"] == 1
-    severe = [m for m in browser.get_log("browser") if m["level"] == "SEVERE"]
-    assert not severe, severe
+    _check_paged(browser.execute_script(READ_PANEL, "paged"), paged.records[0])
 
 
 def test_fork_scene_shows_copy_on_write(browser, traced):
