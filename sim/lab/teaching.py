@@ -1,261 +1,377 @@
-"""Figures that make PagedAttention visible, drawn from the real BlockManager and ContinuousScheduler.
+"""The tutorial's figures (papers/tutorial.md), each drawn from traces of the real schedulers (sim.lab.trace).
 
-- kv_over_time(): the same small workload under per-request max-length reservation (the
-  llama.cpp-slot / Orca (Max) way) and under paging (vLLM), on the same pool. Each column is a
-  scheduler step, each row a token slot of the pool; a slot is coloured by the request that holds
-  it, solid where it holds a token and pale where it is reserved but empty (waste).
-- block_tables(): block tables of a few sequences: two requests sharing a system prompt through
-  the prefix cache, then a parallel-sampling fork that shares every block until one branch
-  writes, and copy-on-write gives it its own last block.
+- kv_over_time(): experiments/teaching_pool.toml, ten requests on 96 token slots of KV under
+  llama.cpp slots, Orca-style max-length reservation and paging: reserved and used KV over
+  simulated time, preemptions marked.
+- block_tables(): prefix caching, fork and copy-on-write (sim.lab.trace_scenes.fork_scene).
+- preemption(): experiments/trace_small.toml, the pool full, a preemption handing the victim's
+  blocks on within the same step, and the victim's recompute.
+- ollama_slots(): the same requests in Ollama's num_parallel x num_ctx slots.
+- gather(): attention's gather through a block table, computed by reference.paged_attention.
 
-Plain Python + matplotlib (no JAX). `python -m sim.lab.teaching OUT_DIR` writes both PNGs.
+`python -m sim.lab.teaching [OUT_DIR] [--max-model-len N] [--fork-prompt-tokens N]` writes them
+all (default papers/figures) and prints what each shows, so every exercise of the tutorial runs
+from the command line.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import click
+import jax.numpy as jnp
 import numpy as np
-from matplotlib.colors import to_rgb
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.patches import Rectangle
 
-from reference.block_manager import BlockManager
-from reference.request import Request, SamplingParams
-from reference.schedulers import ContinuousScheduler, OrcaScheduler
+from reference.errors import ConfigError
+from reference.paged_attention import gather_paged
+from sim.lab.experiment import load_experiment
 from sim.lab.figures import subplots
+from sim.lab.trace import StepRecord, Trace, trace_cell, with_overrides
+from sim.lab.trace_scenes import fork_scene
+from sim.lab.teaching_draw import colours_for, draw_block_tables, draw_slots
 
-# A small workload: (arrival step, prompt tokens, output tokens).
-WORKLOAD = ((0, 9, 14), (0, 4, 22), (0, 14, 6), (1, 6, 30), (3, 11, 9), (5, 3, 17), (7, 16, 12), (9, 5, 8),
-            (12, 8, 20), (14, 12, 5))
-POOL_BLOCKS = 33  # 32 usable blocks (block 0 is the null block)
-BLOCK_SIZE = 4
-MAX_MODEL_LEN = 48  # 12 blocks: what a max-length reservation holds per request
-
-
-@dataclass
-class Snapshot:
-    """The pool after one step was scheduled: who holds which block, and how full each block is."""
-
-    step: int
-    tables: dict[str, list[int]]
-    fill: dict[int, int]
-
-
-def _request(i: int, prompt: int, output: int, arrival: float) -> Request:
-    rng = np.random.default_rng(1000 + i)
-    return Request(f"r{i}", rng.integers(1, 500, size=prompt).tolist(), SamplingParams(max_tokens=output),
-                   arrival_time=arrival)
-
-
-def run_pool(reservation: str, workload=WORKLOAD, num_blocks: int = POOL_BLOCKS, block_size: int = BLOCK_SIZE,
-             max_model_len: int = MAX_MODEL_LEN, max_steps: int = 500) -> list[Snapshot]:
-    """Drive a scheduler step by step (time = step index) and snapshot the pool after each schedule.
-
-    reservation "none" = paging, blocks on demand (ContinuousScheduler); "max_model_len" = every
-    admitted request reserves max_model_len tokens up front (OrcaScheduler: per-slot reservation).
-    """
-    common = dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=max_model_len, enable_chunked_prefill=True)
-    if reservation == "none":
-        sched = ContinuousScheduler(num_blocks, block_size, enable_prefix_caching=False, **common)
-    else:
-        sched = OrcaScheduler(num_blocks, block_size, reservation=reservation, **common)
-    pending = sorted((a, i, p, o) for i, (a, p, o) in enumerate(workload))
-    snaps: list[Snapshot] = []
-    step = 0
-    while (pending or sched.has_unfinished()) and step < max_steps:
-        while pending and pending[0][0] <= step:
-            a, i, p, o = pending.pop(0)
-            sched.add(_request(i, p, o, float(a)), float(step))
-        out = sched.schedule(float(step))
-        bm = sched.blocks
-        tables = {rid: list(t) for rid, t in bm.tables.items()}
-        snaps.append(Snapshot(step, tables, {b: bm.fill[b] for t in tables.values() for b in t}))
-        sched.update(out, [1] * sum(1 for c in out.chunks if c.samples), float(step + 1))
-        step += 1
-    return snaps
-
-
-def occupancy(snaps: list[Snapshot]) -> tuple[float, int]:
-    """(share of reserved token slots that hold tokens over the run, steps until the last request ended)."""
-    stored = sum(sum(s.fill.values()) for s in snaps)
-    reserved = sum(sum(len(t) for t in s.tables.values()) for s in snaps) * BLOCK_SIZE
-    last = max((s.step for s in snaps if s.tables), default=0) + 1
-    return (stored / reserved if reserved else 0.0), last
-
-
-def _colours(n: int) -> np.ndarray:
-    cmap = matplotlib.colormaps["tab10"]
-    return np.array([cmap(i % 10)[:3] for i in range(n)])
-
-
-def pool_image(snaps: list[Snapshot], num_blocks: int, block_size: int, steps: int, colours: np.ndarray
-               ) -> np.ndarray:
-    """[token slots, steps, RGB]: request colour where a slot holds a token, pale where reserved, white where free."""
-    rows = (num_blocks - 1) * block_size
-    img = np.ones((rows, steps, 3))
-    for s in snaps:
-        for rid, table in s.tables.items():
-            c = colours[int(rid[1:])]
-            for b in table:
-                base = (b - 1) * block_size
-                n = s.fill.get(b, 0)
-                img[base:base + n, s.step] = c
-                img[base + n:base + block_size, s.step] = 0.78 + 0.22 * c  # pale: reserved, empty
-    return img
-
-
-def kv_over_time(path: str | Path) -> Path:
-    """Two panels over the same steps: max-length reservation vs paging. Returns the PNG path."""
-    static = run_pool("max_model_len")
-    paged = run_pool("none")
-    (u_s, end_s), (u_p, end_p) = occupancy(static), occupancy(paged)
-    steps = max(end_s, end_p) + 1
-    colours = _colours(len(WORKLOAD))
-    fig, axes = subplots(1, 2, figsize=(13, 5.4), sharey=True, constrained_layout=True)
-    panels = ((axes[0], static, f"Reserve max_model_len ({MAX_MODEL_LEN} tokens) per request",
-               u_s, end_s),
-              (axes[1], paged, f"Paged: blocks of {BLOCK_SIZE} tokens on demand", u_p, end_p))
-    rows = (POOL_BLOCKS - 1) * BLOCK_SIZE
-    for ax, snaps, title, u, end in panels:
-        ax.imshow(pool_image(snaps, POOL_BLOCKS, BLOCK_SIZE, steps, colours), aspect="auto", origin="lower",
-                  interpolation="nearest", extent=(-0.5, steps - 0.5, 0, rows))
-        for y in range(0, rows + 1, BLOCK_SIZE * 4):
-            ax.axhline(y, color="0.85", lw=0.5, zorder=0)
-        ax.set_title(f"{title}\n{100 * u:.0f}% of reserved slots hold tokens; done after {end} steps",
-                     fontsize=10)
-        ax.set_xlabel("scheduler step")
-        ax.axvline(end - 0.5, color="0.3", lw=1, ls="--")
-    axes[0].set_ylabel(f"KV pool token slot ({POOL_BLOCKS - 1} blocks x {BLOCK_SIZE})")
-    fits = rows // MAX_MODEL_LEN
-    left = rows - fits * MAX_MODEL_LEN
-    if left:
-        axes[0].text(steps / 2, fits * MAX_MODEL_LEN + left / 2, f"{left} free slots: too few for another\n"
-                     f"{MAX_MODEL_LEN}-token reservation, never used", ha="center", va="center", fontsize=8.5,
-                     color="0.35")
-    handles = [Patch(color=colours[i], label=f"r{i}") for i in range(len(WORKLOAD))]
-    handles += [Patch(facecolor=(0.9, 0.9, 0.9), edgecolor="0.6", label="reserved, empty (pale)"),
-                Patch(facecolor="white", edgecolor="0.6", label="free")]
-    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle("The same 10 requests on the same KV pool: solid = holds a token, pale = reserved but empty",
-                 fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+ROOT = Path(__file__).resolve().parents[2]
+TEACHING_POOL = ROOT / "experiments" / "teaching_pool.toml"
+TRACE_SMALL = ROOT / "experiments" / "trace_small.toml"
+POOL_TITLES = {"slots": "llama.cpp / Ollama slots: {n} x {len} tokens reserved at load",
+               "reserve": "Orca (Max): max_model_len = {mml} tokens reserved per request",
+               "paged": "vLLM paging: blocks of {bs} tokens as tokens arrive"}
 
 
 # ---------------------------------------------------------------------------------------
-# Block tables: prefix sharing and copy-on-write
-
-@dataclass
-class TableState:
-    """A moment of the pool for the block-table figure."""
-
-    title: str
-    tables: dict[str, list[int]]
-    fill: dict[int, int]
-    refs: dict[int, int]
-    cached: set[int]
-    note: str = ""
+# Reserving versus paging, over time
 
 
-def block_table_states(block_size: int = 4) -> list[TableState]:
-    """Three moments: prefix sharing between two requests, a fork sharing all blocks, copy-on-write."""
-    sched = ContinuousScheduler(num_blocks=17, block_size=block_size, max_num_seqs=8, max_num_batched_tokens=64,
-                                max_model_len=64, enable_chunked_prefill=True, enable_prefix_caching=True)
-    bm: BlockManager = sched.blocks
-    system = list(range(101, 109))  # an 8-token system prompt: two full blocks
-    a = Request("A", system + [7, 8], SamplingParams(max_tokens=8))
-    b = Request("B", system + [21, 22, 23, 24, 25], SamplingParams(max_tokens=8))
-    states = []
+@dataclass(frozen=True)
+class PoolRun:
+    """One engine of teaching_pool.toml, traced, and what the figure says about it."""
 
-    def snap(title: str, note: str = "") -> None:
-        tables = {k: list(v) for k, v in bm.tables.items()}
-        used = {x for t in tables.values() for x in t}
-        states.append(TableState(title, tables, {x: bm.fill[x] for x in used},
-                                 {x: bm.ref_count[x] for x in used},
-                                 {x for x in used if bm.block_key[x] is not None}, note))
+    name: str
+    trace: Trace
+    steps: int
+    time_ms: float
+    mean_step_ms: float
+    max_running: int
+    stored_share: float  # of reserved token slots that hold tokens, weighted by step duration
+    refused: list[tuple[str, str]]  # (request, reason)
+    preemptions: int
 
-    sched.add(a, 0.0)
-    out = sched.schedule(0.0)
-    sched.update(out, [1], 1.0)  # A's prompt computed: its two system-prompt blocks are now cached
-    sched.add(b, 1.0)
-    out = sched.schedule(1.0)
-    sched.update(out, [1] * sum(1 for c in out.chunks if c.samples), 2.0)
-    snap("1. Prefix caching: B reuses A's system-prompt blocks",
-         "B's first 8 tokens hash to A's cached blocks, so B\nonly computes its own 5 tokens")
-    bm.fork("A", "A'")  # parallel sampling: a second answer continues from A's exact state
-    snap("2. Fork (parallel sampling): A' shares all of A's blocks",
-         "No copy yet: A' points at the same blocks,\nrefcounts go up")
-    copies = bm.allocate_slots("A'", a.num_computed_tokens, 1)  # A' writes its own token into the shared last block
-    snap("3. Copy-on-write: A' writes to the shared last block",
-         f"The last block is copied first (block {copies[0][0]} -> {copies[0][1]}),\nthen A' writes its own token")
-    return states
+    def summary(self) -> str:
+        """One line: steps, time, concurrency, the share of reserved KV that holds tokens, refusals, preemptions."""
+        line = (f"{self.name}: {self.steps} steps in {self.time_ms:.2f} ms (mean step {self.mean_step_ms:.4f} ms), "
+                f"at most {self.max_running} running at once, {100 * self.stored_share:.0f}% of reserved KV holds "
+                f"tokens, {self.preemptions} preemptions")
+        if self.refused:
+            line += f"; refused {len(self.refused)}: {' '.join(r for r, _ in self.refused)} ({self.refused[0][1]})"
+        return line
 
 
-def block_tables(path: str | Path, block_size: int = 4) -> Path:
-    """Draw block_table_states(): each sequence's block table, and the physical pool with its holders and refcounts."""
-    states = block_table_states(block_size)
-    seq_colour = {"A": "tab:blue", "B": "tab:orange", "A'": "tab:green"}
-    fig, axes = subplots(1, len(states), figsize=(15, 5.2), constrained_layout=True)
-    pool = sorted({x for s in states for t in s.tables.values() for x in t})
-    order = ("A", "A'", "B")
-    for ax, st in zip(axes, states):
-        ax.set_xlim(-1.7, max(len(pool), 5) + 0.3)
-        ax.set_ylim(-3.3, 3.6)
-        ax.axis("off")
-        ax.set_title(st.title, fontsize=10)
-        seqs = [q for q in order if q in st.tables]
-        # Block tables: one row per sequence, each logical block names its physical block.
-        for row, sid in enumerate(seqs):
-            y = 2.6 - row * 0.95
-            c = np.array(to_rgb(seq_colour[sid]))
-            ax.text(-1.65, y + 0.3, f"seq {sid}", ha="left", va="center", fontsize=9.5, color=c, weight="bold")
-            for j, x in enumerate(st.tables[sid]):
-                shared = st.refs.get(x, 1) > 1
-                ax.add_patch(Rectangle((j, y), 0.85, 0.6, facecolor=0.8 + 0.2 * c, edgecolor=c,
-                                       lw=2.2 if shared else 1.0, hatch="//" if shared else None))
-                ax.text(j + 0.42, y + 0.3, f"L{j}: {x}", ha="center", va="center", fontsize=8.5,
-                        bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
-        ax.text(-1.65, 2.6 - len(seqs) * 0.95 + 0.55, "block tables (logical: physical)", fontsize=7.5,
-                color="0.4", ha="left")
-        # Physical pool: fill, holders (one coloured mark per sequence), refcount, cached.
-        y0 = -1.9
-        ax.text(-1.65, y0 + 0.42, "physical\nblocks", ha="left", va="center", fontsize=8.5)
-        for i, x in enumerate(pool):
-            held = x in st.refs
-            ax.add_patch(Rectangle((i, y0), 0.85, 0.85, facecolor="white" if held else "0.94", edgecolor="0.3"))
-            if not held:
-                ax.text(i + 0.42, y0 + 0.42, f"{x}", ha="center", va="center", fontsize=9, color="0.6")
-                ax.text(i + 0.42, y0 - 0.3, "free", ha="center", va="center", fontsize=7.5, color="0.5")
-                continue
-            f = st.fill.get(x, 0) / block_size
-            ax.add_patch(Rectangle((i, y0), 0.85 * f, 0.85, facecolor="0.78", edgecolor="none"))
-            ax.text(i + 0.42, y0 + 0.42, f"{x}", ha="center", va="center", fontsize=10, weight="bold")
-            holders = [q for q in seqs if x in st.tables[q]]
-            for k, q in enumerate(holders):
-                ax.add_patch(Rectangle((i + k * 0.29, y0 + 0.95), 0.26, 0.22, facecolor=seq_colour[q],
-                                       edgecolor="none"))
-            ax.text(i + 0.42, y0 - 0.3, f"ref {st.refs[x]}", ha="center", va="center", fontsize=8)
-            if x in st.cached:
-                ax.text(i + 0.42, y0 - 0.65, "cached", ha="center", va="center", fontsize=7, color="0.35")
-        ax.text(-1.65, -3.05, st.note, ha="left", va="center", fontsize=8.5, style="italic")
-    fig.suptitle(f"Block tables (block size {block_size}). Hatched = shared block; grey fill = tokens it holds; "
-                 "coloured marks above a physical block = the sequences that point at it", fontsize=10.5)
+def pool_runs(overrides=()) -> dict[str, PoolRun]:
+    """Every engine of experiments/teaching_pool.toml (with --set style overrides), traced."""
+    exp = with_overrides(load_experiment(TEACHING_POOL), list(overrides))
+    runs = {}
+    for eng in exp.engines:
+        tr = trace_cell(exp, eng.name)
+        steps = tr.steps
+        reserved = sum(r.reserved_tokens * r.dt_s for r in steps)
+        stored = sum(r.stored_tokens * r.dt_s for r in steps)
+        runs[eng.name] = PoolRun(eng.name, tr, len(steps), tr.sim_time_s * 1e3,
+                                 1e3 * sum(r.dt_s for r in steps) / max(len(steps), 1),
+                                 max((len(r.running) for r in steps), default=0),
+                                 stored / reserved if reserved else 0.0,
+                                 [(e.request, e.detail) for e in tr.refused],
+                                 sum(len(r.preempted) for r in steps))
+    return runs
+
+
+def _pool_title(run: PoolRun) -> str:
+    exp, sched = run.trace.experiment, run.trace.scheduler
+    eng = exp.engine(run.name)
+    fmt = POOL_TITLES.get(run.name, "{name}")
+    return fmt.format(name=run.name, n=getattr(eng, "num_parallel", 0), len=getattr(eng, "num_ctx", 0),
+                      mml=getattr(eng, "max_model_len", 0), bs=getattr(sched.layout, "block_size", 0))
+
+
+def kv_over_time(path: str | Path, overrides=()) -> Path:
+    """Reserved and used KV token slots over simulated time, one panel per engine of teaching_pool.toml."""
+    runs = pool_runs(overrides)
+    fig, axes = subplots(len(runs), 1, figsize=(11, 2.6 * len(runs) + 0.9), sharex=True, sharey=True,
+                         constrained_layout=True)
+    axes = np.atleast_1d(axes)
+    for ax, run in zip(axes, runs.values()):
+        steps = run.trace.steps
+        xs = [x for r in steps for x in (r.time_s * 1e3, (r.time_s + r.dt_s) * 1e3)]
+        reserved = [r.reserved_tokens for r in steps for _ in (0, 1)]
+        stored = [r.stored_tokens for r in steps for _ in (0, 1)]
+        cap = steps[0].capacity_tokens if steps else 0
+        ax.axhline(cap, color="0.5", lw=1, ls=":")
+        ax.fill_between(xs, stored, reserved, color="#D55E00", alpha=0.18, lw=0, label="reserved, empty (waste)")
+        ax.plot(xs, reserved, color="black", lw=1.8, ls="--", label="reserved")
+        ax.plot(xs, stored, color="#0072B2", lw=2.2, label="holding tokens")
+        pre = [r.time_s * 1e3 for r in steps if r.preempted]
+        if pre:
+            ax.plot(pre, [cap * 1.04] * len(pre), "v", color="#c00000", ms=8, label="preemption")
+        if steps:
+            ax.axvline(run.time_ms, color="0.3", lw=1, ls="-.")
+        head = _pool_title(run)
+        facts = (f"{100 * run.stored_share:.0f}% of reserved KV holds tokens; {run.steps} steps, done at "
+                 f"{run.time_ms:.2f} ms; at most {run.max_running} running; {run.preemptions} preemptions")
+        if run.refused:
+            facts += (f"\n{len(run.refused)} of {len(run.trace.requests)} requests refused "
+                      f"({' '.join(r for r, _ in run.refused)}): {run.refused[0][1]}")
+        ax.set_title(f"{head}\n{facts}", fontsize=9.5, loc="left")
+        ax.set_ylabel("KV token slots")
+        ax.set_ylim(0, cap * 1.12 if cap else 1)
+    handles = {}
+    for ax in axes:
+        for hnd, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, hnd)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", fontsize=8.5, ncols=4, frameon=False)
+    axes[-1].set_xlabel("simulated time (ms)")
+    means = ", ".join(f"{r.name} {r.mean_step_ms:.4f} ms" for r in runs.values())
+    fig.suptitle(f"The same {len(next(iter(runs.values())).trace.requests)} requests on the same KV memory. A bigger "
+                 "batch makes each step costlier (mean step: " + means + "), so paging wins by taking fewer steps, "
+                 "not cheaper ones", fontsize=9.5, wrap=True)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Block tables: prefix sharing, fork, copy-on-write
+
+
+def block_table_states(prompt_tokens: int = 10) -> list[StepRecord]:
+    """Three moments of fork_scene (sim.lab.trace_scenes): B's prefix-cache hit, A' forked, A' writing."""
+    _, records = fork_scene(prompt_tokens)
+    return records[1:]
+
+
+def block_tables(path: str | Path, prompt_tokens: int = 10) -> Path:
+    """Draw block_table_states(): block tables with arrows to the physical blocks, refcounts, the copy."""
+    tracer, _ = fork_scene(prompt_tokens)
+    states = tracer.records[1:]
+    layout = tracer.scheduler.layout
+    colours = {"A": "#0072B2", "B": "#D55E00", "A'": "#009E73"}
+    shown = 1 + max(b for s in states for t in s.tables.values() for b in t) + 1
+    fig, axes = subplots(1, len(states), figsize=(16, 5.0), constrained_layout=True)
+    nl = max(len(t) for s in states for t in s.tables.values())
+    notes = ["B's first 8 tokens hash to A's two cached blocks: B's table points at them (refcount 2) and B "
+             "computes only its own tokens.",
+             "No copy yet: A' points at A's blocks, every refcount goes up.",
+             _cow_note(states[-1])]
+    for k, (ax, st, note) in enumerate(zip(axes, states, notes)):
+        draw_block_tables(ax, st, layout.block_size, shown, colours, title=f"{k + 1}. {st.label}", max_logical=nl,
+                          note=note)
+    fig.suptitle(f"Block tables (block size {layout.block_size}), drawn from a real ContinuousScheduler and its "
+                 "BlockManager. Colour bands in a physical block = the sequences pointing at it; black outline = "
+                 "written by this step", fontsize=10)
+    return _save(fig, path)
+
+
+def _cow_note(state: StepRecord) -> str:
+    cows = state.of_kind("cow")
+    if cows:
+        src, dst = cows[0].copies[0]
+        return (f"A' writes into block {src}, which A still uses: block {src} is copied to {dst} first and A' points "
+                "at the copy. Full blocks stay shared.")
+    alloc = state.of_kind("alloc")
+    return (f"A's last block was full: A' writes into a fresh block ({' '.join(map(str, alloc[0].blocks))}); "
+            "nothing is copied." if alloc else "Nothing is written into a shared block: no copy.")
+
+
+# ---------------------------------------------------------------------------------------
+# Preemption and recompute
+
+
+def preemption_moments(trace: Trace) -> list[tuple[str, StepRecord]]:
+    """(caption, record): the step before the first preemption, that preemption, and the victim's recompute."""
+    recs = trace.records
+    i = next(k for k, r in enumerate(recs) if r.preempted)
+    victim = recs[i].preempted[0]
+    back = next(r for r in recs[i + 1:] if any(c[0] == victim and c[3] == "recompute" for c in r.chunks))
+    hits = [e for e in back.of_kind("admit") if e.request == victim]
+    reuse = f"; reuses cached blocks {' '.join(map(str, hits[0].shared))}" if hits and hits[0].shared else ""
+    return [(f"step {recs[i - 1].step}: the pool is full ({recs[i - 1].reserved_tokens}/"
+             f"{recs[i - 1].capacity_tokens} token slots)", recs[i - 1]),
+            (f"step {recs[i].step}: {recs[i].of_kind('no_room')[0].request} needs a block, none is free: "
+             f"{victim} (newest) is preempted, its blocks go to others in the same step", recs[i]),
+            (f"step {back.step}: {victim} is admitted again and recomputed{reuse}", back)]
+
+
+def preemption(path: str | Path) -> Path:
+    """Three moments of trace_small.toml's paged engine around its first preemption."""
+    trace = trace_cell(load_experiment(TRACE_SMALL), "paged")
+    layout = trace.scheduler.layout
+    colours = colours_for(trace.requests)
+    moments = preemption_moments(trace)
+    nl = max(len(t) for _, r in moments for t in r.tables.values())
+    fig, axes = subplots(1, 3, figsize=(18, 7.0), constrained_layout=True)
+    for ax, (caption, rec) in zip(axes, moments):
+        events = "\n".join(line for line in (_short(e) for e in rec.events if e.phase != "after") if line)
+        draw_block_tables(ax, rec, layout.block_size, layout.num_blocks, colours, title=caption, max_logical=nl,
+                          note=events)
+    fig.suptitle("Preemption and recompute (experiments/trace_small.toml, paged engine; `servesim trace "
+                 "--html` steps through it). Red dashed box = freed by the preemption in this step", fontsize=10)
+    return _save(fig, path)
+
+
+def _short(e) -> str:
+    if e.kind == "no_room":
+        return f"{e.request}: no room ({e.detail})"
+    if e.kind == "preempt":
+        return f"{e.request} preempted: frees {' '.join(map(str, e.blocks))}"
+    if e.kind == "alloc":
+        return f"{e.request} gets block {' '.join(map(str, e.blocks))}"
+    if e.kind == "admit":
+        parts = []
+        if e.shared:
+            parts.append(f"reuses cached {' '.join(map(str, e.shared))}")
+        if e.blocks:
+            parts.append(f"takes {' '.join(map(str, e.blocks))}")
+        return f"{e.request} admitted: {', '.join(parts)}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------
+# Ollama's slots
+
+
+def ollama_slots(path: str | Path) -> Path:
+    """trace_small.toml's requests in llama.cpp slots (Ollama: num_parallel x num_ctx, reserved at load)."""
+    exp = load_experiment(TRACE_SMALL)
+    trace = trace_cell(exp, "slots")
+    layout = trace.scheduler.layout
+    colours = colours_for(trace.requests)
+    busy = [r for r in trace.steps if len(r.tables) == layout.num_slots]
+    moments = [busy[len(busy) // 4], busy[(3 * len(busy)) // 4]] if len(busy) >= 2 else trace.steps[:2]
+    fig, axes = subplots(len(moments), 1, figsize=(12, 1.5 * len(moments) + 1.0), constrained_layout=True)
+    for ax, rec in zip(np.atleast_1d(axes), moments):
+        draw_slots(ax, rec, layout.num_slots, layout.max_len, colours,
+                   title=f"step {rec.step}, t = {rec.time_s * 1e3:.2f} ms: {rec.stored_tokens} of "
+                         f"{layout.capacity_tokens} reserved token slots hold tokens; waiting: "
+                         f"{' '.join(rec.waiting) or 'none'}")
+    fig.suptitle(f"Ollama / llama.cpp: num_parallel = {layout.num_slots} slots x num_ctx = {layout.max_len} tokens = "
+                 f"{layout.capacity_tokens} token slots allocated at load, used or not.\nA request holds one slot from "
+                 "admission to its end (pale = reserved, empty; black outline = written by this step)", fontsize=10)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# The gather through a block table
+
+GATHER_TABLE = (2, 5, 1)  # a sequence's block table: logical block i lives in physical block GATHER_TABLE[i]
+GATHER_CONTEXT = 10  # tokens in its context: the last block is half full
+
+
+def gather_example(num_blocks: int = 6, block_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(pool [num_blocks, block_size] of slot ids, gather_paged(pool, [GATHER_TABLE]) [len(table) * block_size]).
+
+    Each pool position holds its flat slot id (block * block_size + offset), so the gathered
+    context shows where every position was read from.
+    """
+    pool = jnp.arange(num_blocks * block_size).reshape(num_blocks, block_size, 1, 1)
+    ctx = gather_paged(pool, jnp.array([GATHER_TABLE]))
+    return np.asarray(pool[:, :, 0, 0]), np.asarray(ctx[0, :, 0, 0])
+
+
+def gather(path: str | Path, block_size: int = 4) -> Path:
+    """The pool, the block table, and the contiguous context gather_paged makes of them, masked past context_len."""
+    pool, ctx = gather_example(block_size=block_size)
+    nb = pool.shape[0]
+    colours = ("#0072B2", "#D55E00", "#009E73")
+    fig, ax = subplots(1, 1, figsize=(10, 5.6), constrained_layout=True)
+    # The pool: one row per physical block.
+    ax.text(0, -0.7, f"the pool: cache[{nb}, {block_size}]", fontsize=10, weight="bold")
+    ax.text(0, -0.25, "(each position holds its slot id)", fontsize=8.5)
+    owner = {b: i for i, b in enumerate(GATHER_TABLE)}
+    for b in range(nb):
+        y = b * 0.9
+        ax.text(-0.3, y + 0.35, f"block {b}", ha="right", va="center", fontsize=9)
+        for j in range(block_size):
+            c = colours[owner[b]] if b in owner else "white"
+            ax.add_patch(Rectangle((j, y), 1, 0.7, facecolor=c, edgecolor="0.3", alpha=0.85 if b in owner else 1))
+            ax.text(j + 0.5, y + 0.35, str(pool[b, j]), ha="center", va="center", fontsize=9,
+                    color="white" if b in owner else "0.4")
+    # The block table.
+    tx = 9.0
+    ax.text(tx, -0.7, "block table [S=1, MB=3]", fontsize=10, weight="bold")
+    for i, b in enumerate(GATHER_TABLE):
+        ax.add_patch(Rectangle((tx + i * 1.4, 0), 1.2, 0.7, facecolor=colours[i], edgecolor="0.3"))
+        ax.text(tx + i * 1.4 + 0.6, 0.35, str(b), ha="center", va="center", color="white", weight="bold")
+        ax.text(tx + i * 1.4 + 0.6, 1.0, f"L{i}", ha="center", va="center", fontsize=9)
+        ax.annotate("", xy=(block_size + 0.05, b * 0.9 + 0.35), xytext=(tx + i * 1.4 + 0.6, 0.7),
+                    arrowprops=dict(arrowstyle="-|>", color=colours[i], lw=1.5, connectionstyle="arc3,rad=-0.25"))
+    # The gathered context, masked at context_len.
+    gy = nb * 0.9 + 1.0
+    ax.text(0, gy - 0.75, "gather_paged(cache, table) = cache[table].reshape(S, MB * BS):", fontsize=10, weight="bold")
+    ax.text(0, gy - 0.3, f"one contiguous context of {len(ctx)} positions; attention masks key_position >= "
+            f"context_len = {GATHER_CONTEXT} (hatched)", fontsize=9.5)
+    for p, v in enumerate(ctx):
+        masked = p >= GATHER_CONTEXT
+        c = colours[p // block_size]
+        ax.add_patch(Rectangle((p, gy), 1, 0.8, facecolor="0.85" if masked else c, edgecolor="0.3",
+                               hatch="//" if masked else None))
+        ax.text(p + 0.5, gy + 0.4, str(v), ha="center", va="center", fontsize=9, color="0.3" if masked else "white")
+        ax.text(p + 0.5, gy + 1.05, str(p), ha="center", va="center", fontsize=7.5, color="0.35")
+    ax.text(len(ctx) + 0.3, gy + 1.05, "position", fontsize=7.5, color="0.35", va="center")
+    ax.set_xlim(-2.2, max(len(ctx), tx + 4.5) + 1.5)
+    ax.set_ylim(gy + 1.6, -1.2)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.suptitle("Attention reads a paged context through its block table: the blocks can sit anywhere in the pool\n"
+                 "(values computed by the real reference.paged_attention.gather_paged)", fontsize=10)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
 
 
-def make_all(out_dir: str | Path) -> list[Path]:
-    """Both teaching figures into out_dir."""
+def make_all(out_dir: str | Path, overrides=(), prompt_tokens: int = 10) -> list[Path]:
+    """Every teaching figure into out_dir (overrides: --set style, for teaching_pool.toml)."""
     out = Path(out_dir)
-    return [kv_over_time(out / "teaching_kv_over_time.png"), block_tables(out / "teaching_block_tables.png")]
+    return [kv_over_time(out / "teaching_kv_over_time.png", overrides),
+            block_tables(out / "teaching_block_tables.png", prompt_tokens),
+            preemption(out / "teaching_preemption.png"),
+            ollama_slots(out / "teaching_ollama_slots.png"),
+            gather(out / "teaching_gather.png")]
+
+
+@click.command()
+@click.argument("out_dir", default="papers/figures", required=False)
+@click.option("--max-model-len", type=click.IntRange(min=4), default=None,
+              help="Tokens each request reserves in the Orca-style engine of teaching_pool.toml (default 48).")
+@click.option("--fork-prompt-tokens", type=click.IntRange(min=9), default=10,
+              help="Prompt length of A in the fork / copy-on-write figure (default 10).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change a key of experiments/teaching_pool.toml, e.g. --set engines.paged.block_size=8.")
+def main(out_dir: str, max_model_len: int | None, fork_prompt_tokens: int, overrides: tuple[str, ...]) -> None:
+    """Write the tutorial's figures to OUT_DIR and print what each shows."""
+    sets = list(overrides) + ([f"engines.reserve.max_model_len={max_model_len}"] if max_model_len else [])
+    try:
+        for run in pool_runs(sets).values():
+            click.echo(run.summary())
+        click.echo(fork_summary(fork_prompt_tokens))
+        for p in make_all(out_dir, sets, fork_prompt_tokens):
+            click.echo(p)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def fork_summary(prompt_tokens: int) -> str:
+    """What A' does when it writes after the fork: copy-on-write, or a fresh block."""
+    last = block_table_states(prompt_tokens)[-1]
+    child = "A'"
+    what = (f"copy-on-write {' '.join(f'{s} -> {d}' for s, d in last.copies)}" if last.copies
+            else "no copy (A' writes into a fresh block)")
+    return f"fork with a {prompt_tokens}-token prompt: A {last.tables['A']}, A' {last.tables[child]}: {what}"
 
 
 if __name__ == "__main__":
-    for p in make_all(sys.argv[1] if len(sys.argv) > 1 else "papers/figures"):
-        print(p)
+    main()
