@@ -1,17 +1,27 @@
 """The timing check: the calibrated simulator against the JAX engine on this machine, within the documented bound.
 
-    python experiments/benchmarks/fidelity_bound.py [--out DIR] [--bound 15] [--attempts 2]
+    python experiments/benchmarks/fidelity_bound.py [--out DIR] [--bound 15] [--attempts 3] [--drift 5]
 
 Profiles this machine on a small grid (the regime of the config below), runs two closed-loop cells
 (1 and 4 clients, continuous batching, tiny model) on the real engine and on the simulator
 calibrated from that profile, and checks |error| <= bound (percent) on output throughput and mean
-E2E latency. It prints the error table and exits 1 when the bound is missed.
+E2E latency. It prints the error table.
 
-Why it is not a unit test: it measures wall-clock time, so a busy machine moves it. Retry policy:
-up to --attempts runs, each with a fresh profile; it passes if any run is within the bound. A
-neighbour on a 2-core machine can spoil one timing run, but a simulator that is really off misses
-every time. The deterministic check of the same pipeline (the engine on the model's own clock,
-matched to rounding) is in the unit suite: tests/test_validate.py.
+Why it is not a unit test: it measures wall-clock time, so a busy machine moves it.
+
+Retry policy. The simulator is calibrated on the machine's speed during the profile and judged on
+its speed during the run, so a machine whose speed changes in between (a neighbour, frequency
+scaling, a shared VM's steal) makes any error possible. Each attempt therefore brackets profile
+and run with a speed probe (the median of many decode steps at the cells' batch sizes, tens of
+milliseconds each); when the probes before and after differ by more than --drift percent, the
+attempt cannot judge the simulator and is retried. Up to --attempts attempts, each with a fresh
+profile:
+- exit 0: an attempt on a steady machine is within the bound (a simulator that is right);
+- exit 1: an attempt on a steady machine misses it (a simulator that is really off misses every
+  time; the next attempt is run only to show the miss repeats, and the check fails if none passes);
+- exit 2: no attempt found the machine steady, so nothing was judged (.ci/run reports it and goes on).
+The deterministic check of the same pipeline (the engine on the model's own clock, matched to
+rounding) is in the unit suite: tests/test_validate.py.
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ dtype = "float32"
 [workload]
 kind = "closed_loop"
 clients = [1, 4]
-num_requests = 32
+num_requests = 128
 
 [workload.prompt_tokens]
 dist = "fixed"
@@ -55,38 +65,71 @@ max_model_len = 256
 GRID = Grid(decode_batch=(1, 2, 4, 8, 16), decode_context=(64, 256), prefill_tokens=(16, 64, 256),
             prefill_cached=(0, 256), mixed_prefill=(64, 256), mixed_cached=(0,), mixed_batch=(4, 16),
             mixed_context=(64, 256), host_batch=(1, 4, 16))
+# The speed probe: the decode steps the two cells spend their time in (batch 1 and 4, context 64 .. 112).
+PROBE = Grid(decode_batch=(1, 4), decode_context=(96,), prefill_tokens=(), prefill_cached=(), mixed_prefill=(),
+             mixed_cached=(), mixed_batch=(), mixed_context=(), host_batch=(1,), host_prompt=())
+PROBE_REPEATS = 200
 CHECKED = ("output_throughput", "mean_e2el_ms")
 
 
-def attempt(folder: Path) -> tuple[bool, str]:
-    """One fresh profile and validation; (within the bound, the error table as text)."""
+def probe_ms() -> dict[int, float]:
+    """Median paged decode step time (ms) per batch size of the probe grid, on this machine now."""
+    rows = run_profile("tiny", None, grid=PROBE, repeats=PROBE_REPEATS, warmup=20, progress=False)
+    rows = rows[(rows.kind == "decode") & (rows.layout == "paged")]
+    return {int(b): float(ms) for b, ms in zip(rows.batch_size, rows.median_ms)}
+
+
+def drift_pct(before: dict[int, float], after: dict[int, float]) -> float:
+    """The largest change (percent) of a probed step time between two probes."""
+    return max(abs(after[b] / before[b] - 1) * 100 for b in before)
+
+
+def attempt(folder: Path, bound: float) -> tuple[bool, float, str]:
+    """One fresh profile and validation bracketed by speed probes: (within the bound, drift %, report)."""
     (folder / "config.toml").write_text(CONFIG)
+    before = probe_ms()
     run_profile("tiny", folder / "profile.csv", grid=GRID, repeats=5, progress=False)
     errors = run_validate(folder / "config.toml", folder / "out", folder / "profile.csv", progress=False,
                           echo=lambda s: None)
+    after = probe_ms()
     checked = errors[errors.metric.isin(CHECKED)]
-    return bool((checked.error_pct.abs() <= ARGS.bound).all()), (
-        format_error_table(error_table(errors)) + "\n" + checked.to_string(index=False))
+    probes = ", ".join(f"batch {b}: {before[b]:.3f} -> {after[b]:.3f} ms" for b in before)
+    return (bool((checked.error_pct.abs() <= bound).all()), drift_pct(before, after),
+            f"speed probe before -> after ({probes})\n" + format_error_table(error_table(errors)) + "\n"
+            + checked.to_string(index=False))
 
 
 def main(argv=None) -> int:
-    global ARGS
+    """Run up to --attempts attempts; the exit status is the verdict (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--bound", type=float, default=15.0, help="|error| percent allowed (default 15)")
-    ap.add_argument("--attempts", type=int, default=2, help="fresh runs before giving up (default 2)")
-    ARGS = ap.parse_args(argv)
+    ap.add_argument("--attempts", type=int, default=3, help="attempts before giving up (default 3)")
+    ap.add_argument("--drift", type=float, default=5.0,
+                    help="largest change of the machine's speed (percent) under which an attempt judges (default 5)")
+    args = ap.parse_args(argv)
+    judged = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = ARGS.out or Path(tmp)
-        for i in range(1, ARGS.attempts + 1):
+        root = args.out or Path(tmp)
+        for i in range(1, args.attempts + 1):
             folder = root / f"attempt{i}"
             folder.mkdir(parents=True, exist_ok=True)
-            ok, table = attempt(folder)
-            print(f"attempt {i} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus): "
-                  f"{'within' if ok else 'outside'} +-{ARGS.bound:g}% on {', '.join(CHECKED)}\n{table}", flush=True)
-            if ok:
-                return 0
-    return 1
+            ok, drift, report = attempt(folder, args.bound)
+            steady = drift <= args.drift
+            verdict = ("within" if ok else "outside") + f" +-{args.bound:g}% on {', '.join(CHECKED)}"
+            if not steady:
+                verdict += f"; not judged: the machine's speed changed {drift:.1f}% (> {args.drift:g}%)"
+            print(f"attempt {i} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus, "
+                  f"speed drift {drift:.1f}%): {verdict}\n{report}", flush=True)
+            if steady:
+                judged.append(ok)
+                if ok:
+                    return 0
+    if judged:
+        print(f"FAIL: {len(judged)} attempt(s) on a steady machine, none within the bound")
+        return 1
+    print(f"NOT JUDGED: the machine's speed drifted more than {args.drift:g}% in every attempt")
+    return 2
 
 
 if __name__ == "__main__":
