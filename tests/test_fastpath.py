@@ -84,7 +84,7 @@ def fast_requests(w: dict) -> list[LazyRequest]:
 
 
 def record(r: Request) -> tuple:
-    return (r.request_id, r.status, r.outcome, r.reason, r.num_computed_tokens, r.output_token_ids, r.token_times,
+    return (r.request_id, r.status, r.outcome, r.reason, r.num_computed_tokens, r.output_token_ids, list(r.token_times),
             r.first_scheduled_time, r.first_token_time, r.finish_time, r.num_cached_prompt_tokens, r.num_preemptions)
 
 

@@ -152,7 +152,8 @@ class Replica:
                 self._wake = env.event()
                 yield self._wake
                 continue
-            self._sample()
+            if env.now >= self._next_sample:
+                self._sample(force=True)
             dt = self.step_time(out.shape)
             if self.on_step:
                 self.on_step(env.now, out, dt)
@@ -161,7 +162,6 @@ class Replica:
             self._stepping = False
             self.num_steps += 1
             self.busy_s += dt
-            # One token per chunk that samples (c.samples, inlined: this runs for every chunk of every step).
             if event_driven:
                 tokens = None
             else:  # one token per chunk that samples (c.samples, inlined: this runs for every chunk of every step)
@@ -197,6 +197,8 @@ class Cluster:
 
     def submit(self, req: Request) -> simpy.Event:
         """Route the request to a replica."""
+        if len(self.replicas) == 1:  # nothing to route, nothing to remember (abort asks the one replica)
+            return self.replicas[0].submit(req)
         if self.router == "round_robin":
             replica = self.replicas[self._next % len(self.replicas)]
             self._next += 1
@@ -209,6 +211,6 @@ class Cluster:
 
     def abort(self, req: Request, outcome: Outcome, reason: str) -> None:
         """Abort wherever the request went."""
-        replica = self._where.pop(id(req), None)
+        replica = self.replicas[0] if len(self.replicas) == 1 else self._where.pop(id(req), None)
         if replica is not None:
             replica.abort(req, outcome, reason)

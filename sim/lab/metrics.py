@@ -515,22 +515,22 @@ class CellAccumulator:
         return row
 
     def _append_columns(self, row: dict) -> None:
-        """The summary's inputs (_SUMMARY_INPUTS) of one row, as floats; spelled out, as this runs per request."""
+        """The summary's inputs (_SUMMARY_INPUTS) of one row (array("d") stores them as floats); spelled out, as this runs per request."""
         c = self._columns
-        c[0].append(float(row["arrival_s"]))
-        c[1].append(float(row["first_scheduled_s"]))
-        c[2].append(float(row["finish_s"]))
-        c[3].append(float(row["prompt_tokens"]))
-        c[4].append(float(row["output_tokens"]))
-        c[5].append(float(row["cached_prompt_tokens"]))
-        c[6].append(float(row["preemptions"]))
-        c[7].append(float(row["queue_ms"]))
-        c[8].append(float(row["ttft_ms"]))
-        c[9].append(float(row["tpot_ms"]))
-        c[10].append(float(row["e2el_ms"]))
-        c[11].append(float(row["itl_count"]))
-        c[12].append(float(row["itl_sum_ms"]))
-        c[13].append(float(row["itl_max_ms"]))
+        c[0].append(row["arrival_s"])
+        c[1].append(row["first_scheduled_s"])
+        c[2].append(row["finish_s"])
+        c[3].append(row["prompt_tokens"])
+        c[4].append(row["output_tokens"])
+        c[5].append(row["cached_prompt_tokens"])
+        c[6].append(row["preemptions"])
+        c[7].append(row["queue_ms"])
+        c[8].append(row["ttft_ms"])
+        c[9].append(row["tpot_ms"])
+        c[10].append(row["e2el_ms"])
+        c[11].append(row["itl_count"])
+        c[12].append(row["itl_sum_ms"])
+        c[13].append(row["itl_max_ms"])
 
     def _bin_pending(self) -> None:
         """Add the pending gaps to the histogram (and to the exact list while it lasts), in arrival order."""

@@ -16,6 +16,7 @@ end times (`times`), one per step it decoded.
 from __future__ import annotations
 
 import heapq
+from array import array
 
 from reference.request import Request
 from sim.core.replica import SIM_TOKEN
@@ -61,7 +62,7 @@ class DecodeGroup:
         self._exact_by_phase: list[dict[int, Decoder]] = [{} for _ in range(block_size)]  # seq -> exact decoder
         self.num_exact = 0
         self._finish_at: dict[int, list[Decoder]] = {}
-        self.times: list[float] = []  # end time (s) of step base + i
+        self.times = array("d")  # end time (s) of step base + i
         self.base = 0
 
     def __len__(self) -> int:

@@ -29,6 +29,7 @@ from sim.core.fast.decode_group import SIM_TOKEN
 from sim.core.fast.request import prompt_slice
 
 ALL_BLOCKS = 1 << 62  # n_exact of a request whose every block may be shared
+_NO_HITS: tuple[list[int], list, int] = ((), (), 0)  # lookup's answer when nothing can hit
 _ROOT_HASH = 0  # BlockManager's parent hash of a first block
 
 
@@ -112,8 +113,8 @@ class HybridPool:
 
         Returns (exact hits' handles, the private runs hit, number of private blocks they hold).
         """
-        if not self.caching or limit <= 0:
-            return [], [], 0
+        if not self.caching or limit <= 0 or (not hold.n_exact and not hold.runs):
+            return _NO_HITS
         n_ex = min(hold.n_exact, limit)
         hits: list[int] = []
         cached = self.cached
@@ -154,7 +155,8 @@ class HybridPool:
             self.free_total -= run.hi - run.lo
         hold.n_chain = len(hits)
         hold.full = len(hits) + private_hits
-        hold.unreg = []
+        if hold.unreg:
+            hold.unreg = []
         self.grow(hold, fresh, len(hits) + private_hits)
         hold.nblocks = needed
         return True
@@ -221,8 +223,8 @@ class HybridPool:
     # ---- after a step --------------------------------------------------------------------------
     def register(self, hold: Holding, req: Request, num_computed: int) -> None:
         """BlockManager.cache_full_blocks: req's blocks full of computed K/V are registered (keys not yet cached)."""
-        if not self.caching:
-            return
+        if not self.caching or (not hold.n_exact and not hold.runs):
+            return  # nothing exact, and no older copies of its own: its private blocks register, counted at free
         num_full = num_computed // self.block_size
         stop = min(num_full, hold.n_exact)
         if stop > hold.n_chain:
@@ -252,7 +254,13 @@ class HybridPool:
         n_real = len(real)
         private = total - n_real
         if private > 0:
-            pieces = _minus(n_real, num_computed // bs, hold.unreg) if self.caching else []
+            full = num_computed // bs
+            if not self.caching or full <= n_real:
+                pieces = ()
+            elif hold.unreg:
+                pieces = _minus(n_real, full, hold.unreg)
+            else:
+                pieces = ((n_real, full),)
             registered = 0
             for lo, hi in reversed(pieces):
                 run = Run(hold, lo, hi)
@@ -261,10 +269,12 @@ class HybridPool:
                 registered += hi - lo
             self.free_uncached += private - registered
             self.free_total += private
-        for h in reversed(real):
-            self._release(h)
-        hold.real = []
-        hold.unreg = []
+        if real:
+            for h in reversed(real):
+                self._release(h)
+            hold.real = []
+        if hold.unreg:
+            hold.unreg = []
         hold.n_chain = hold.full = hold.nblocks = 0
 
     def reserved_blocks(self) -> int:

@@ -6,16 +6,22 @@ only for the blocks that prefix caching could share (sim.core.fast.pool), so a m
 run does not pay for prompts nobody reads. Whoever reads `prompt_token_ids` (a teaching scheduler,
 a trace) gets the same list the eager request would have held.
 
+Its token_times are an array("d") rather than a list: a simulated request's few hundred token
+times are then one contiguous buffer, copied in one go from the step timeline and read in one go
+by the metrics (a list would hold pointers to float objects spread over the heap, each touched
+when written, read and freed). It behaves as a sequence of floats (len, index, iterate, append).
+
 `unique_from` says which blocks no other request can hold (see sim.core.fast.pool): the smallest
 position p such that every KV block whose last position is >= p holds content that no other
 request's block can hold. None: any block may be shared (every block is then tracked exactly).
 """
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
 
 from reference.errors import ConfigError
-from reference.request import Request, SamplingParams
+from reference.request import Request, SamplingParams, Status
 
 
 class LazyRequest(Request):
@@ -30,12 +36,27 @@ class LazyRequest(Request):
         """
         if num_prompt_tokens < 1:
             raise ConfigError("prompt", "must have at least one token")
+        # Request's fields, set here rather than through its generated __init__ (this runs for every simulated
+        # request); tests/test_fastpath.py checks that every field of Request is set.
+        self.request_id = request_id
+        self.sampling = sampling
+        self.arrival_time = arrival_time
+        self.output_token_ids = []
+        self.num_computed_tokens = 0
+        self.status = Status.WAITING
+        self.outcome = None
+        self.reason = ""
+        self.first_scheduled_time = None
+        self.first_token_time = None
+        self.token_times = array("d")  # a list of floats would cost a pointer chase per token in every reader
+        self.finish_time = None
+        self.num_preemptions = 0
+        self.num_cached_prompt_tokens = 0
         self._num_prompt = num_prompt_tokens
         self._head = head
         self._draw = draw_prompt
-        self._prompt: list[int] | None = None
+        self._prompt = None
         self.unique_from = unique_from
-        super().__init__(request_id, None, sampling, arrival_time)
 
     def __post_init__(self):
         pass  # the length was checked in __init__ without drawing the prompt
