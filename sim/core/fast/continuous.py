@@ -255,27 +255,38 @@ class FastContinuousScheduler:
 
     # ---- after a step ---------------------------------------------------------------------------
     def update(self, step: FastStep, tokens: list[int] | None, now: float) -> list[Request]:
-        """Apply a finished step (every sampled token is SIM_TOKEN; `tokens` is ignored); returns who finished."""
-        if step.is_empty:
+        """Apply a finished step (every sampled token is SIM_TOKEN; `tokens` is ignored); returns who finished.
+
+        Runs once per step: Request.append_token and is_done_generating are inlined (the sampled
+        token is SIM_TOKEN, never a stop token of a request that reaches here, see Decoder).
+        """
+        specials = step.specials
+        if not step.num_decodes and not specials:
             return []
-        g, pool = self.group, self.pool
-        k = step.index
+        g, pool, holdings = self.group, self.pool, self.holdings
         done = g.end(now)
         if g.num_exact:  # exact decoders whose block just filled register it, in running order
+            k = step.index
             for d in g.exact_crossing(k + 1):
-                pool.register(self.holdings[id(d.req)], d.req, d.position_at(k) + 1)
-        finished = [d.req for d in done]
+                pool.register(holdings[id(d.req)], d.req, d.position_at(k) + 1)
+        finished = [d.req for d in done] if done else []
         partial = None
-        for req, start, n in step.specials:
-            if req.status is not Status.RUNNING:
+        running = Status.RUNNING
+        for req, start, n in specials:
+            if req.status is not running:
                 continue  # aborted while the step ran
             end = start + n
             req.num_computed_tokens = end
-            hold = self.holdings[id(req)]
-            pool.register(hold, req, end)
-            if end == req.num_tokens:
-                req.append_token(SIM_TOKEN, now)
-                if req.is_done_generating():
+            hold = holdings[id(req)]
+            if hold.n_exact or hold.runs:
+                pool.register(hold, req, end)
+            if end == req.num_tokens:  # the chunk reached its last token: it samples one
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                out = req.output_token_ids
+                out.append(SIM_TOKEN)
+                req.token_times.append(now)
+                if len(out) >= req.sampling.max_tokens or SIM_TOKEN in req.sampling.stop_token_ids:
                     finished.append(req)
                 else:
                     _, seq = self.prefilling.pop(id(req))

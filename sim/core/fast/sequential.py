@@ -118,18 +118,25 @@ class FastSequentialScheduler:
 
     def update(self, step: FastStep, tokens: list[int] | None, now: float) -> list[Request]:
         """Apply a finished step (every sampled token is SIM_TOKEN; `tokens` is ignored); returns who finished."""
-        if step.is_empty:
+        specials = step.specials
+        if not step.num_decodes and not specials:
             return []
         g = self.group
-        finished = [d.req for d in g.end(now)]
-        for req, start, n in step.specials:
-            if req.status is not Status.RUNNING:
+        done = g.end(now)
+        finished = [d.req for d in done] if done else []
+        running = Status.RUNNING
+        for req, start, n in specials:
+            if req.status is not running:
                 continue  # aborted while the step ran
             end = start + n
             req.num_computed_tokens = end
-            if end == req.num_tokens:
-                req.append_token(SIM_TOKEN, now)
-                if req.is_done_generating():
+            if end == req.num_tokens:  # Request.append_token and is_done_generating, inlined (once per step)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                out = req.output_token_ids
+                out.append(SIM_TOKEN)
+                req.token_times.append(now)
+                if len(out) >= req.sampling.max_tokens or SIM_TOKEN in req.sampling.stop_token_ids:
                     finished.append(req)
                 else:
                     _, seq = self.prompting.pop(id(req))
