@@ -18,15 +18,24 @@ import random
 from pathlib import Path
 
 import hypothesis.strategies as st
-import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 
 from reference.errors import ConfigError
 from reference.request import Outcome, Request, SamplingParams, Status
-from reference.schedulers import ContinuousScheduler, OrcaScheduler, SequentialScheduler, StaticScheduler
-from sim.core.fast import FastContinuousScheduler, FastSequentialScheduler, LazyRequest, fast_twin
+from reference.schedulers import (
+    ContinuousScheduler,
+    OrcaScheduler,
+    SequentialScheduler,
+    StaticScheduler,
+)
+from sim.core.fast import (
+    FastContinuousScheduler,
+    FastSequentialScheduler,
+    LazyRequest,
+    fast_twin,
+)
 from sim.core.fast.pool import HybridPool
 from sim.core.replica import SIM_TOKEN
 from sim.lab.experiment import load_experiment
@@ -221,7 +230,7 @@ def test_private_blocks_recomputed_while_their_old_copies_are_cached():
             fast = FastContinuousScheduler(**cfg)
             register = fast.pool.register
 
-            def spy(hold, req, num_computed):
+            def spy(hold, req, num_computed, register=register):
                 nonlocal unregistered
                 before = len(hold.unreg)
                 register(hold, req, num_computed)
@@ -324,7 +333,7 @@ def test_implementation_is_validated():
     exp = load_experiment(TOML.format(seed=0, kind="closed_loop", timeout=0.0, load="clients = [2]\nnum_requests = 4",
                                       prefix=16, blocks=400, replicas=1))
     acc = CellAccumulator("orca", 2)
-    cell = [c for c in exp.cells() if c.engine == "orca"][0]
+    cell = next(c for c in exp.cells() if c.engine == "orca")
     with pytest.raises(ConfigError, match="implementation"):
         simulate_cell(exp, cell, acc, implementation="quick")
     with pytest.raises(ConfigError, match="no fast path"):
@@ -385,7 +394,7 @@ def test_prompts_are_drawn_only_where_caching_could_hit():
     doc = TOML.format(seed=1, kind="closed_loop", timeout=0.0, load="clients = [16]\nnum_requests = 300",
                       prefix=32, blocks=20000, replicas=1)
     exp = load_experiment(doc)
-    cell = [c for c in exp.cells() if c.engine == "vllm"][0]
+    cell = next(c for c in exp.cells() if c.engine == "vllm")
     seen = []
     simulate_cell(exp, cell, CellAccumulator("vllm", 16), implementation="fast", on_request=seen.append)
     assert len(seen) == 300 and all(isinstance(r, LazyRequest) for r in seen)

@@ -42,8 +42,8 @@ import os
 import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from typing import Annotated
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -610,7 +610,7 @@ _row_values = operator.itemgetter(*REQUEST_COLUMNS)
 
 def _csv_row(row: dict) -> list:
     """[_csv_value(row[c]) for c in REQUEST_COLUMNS], inlined: ResultsWriter runs it for every request."""
-    return ["" if v is None else (("" if v != v else repr(v)) if isinstance(v, float) else v)
+    return ["" if v is None else (("" if v != v else repr(v)) if isinstance(v, float) else v)  # noqa: PLR0124 (NaN)
             for v in _row_values(row)]
 
 

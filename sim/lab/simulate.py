@@ -141,13 +141,16 @@ def _rare_garbage_collection():
     thresholds and the frozen objects are put back when the cell ends; results do not depend on it.
     """
     thresholds = gc.get_threshold()
-    gc.freeze()
+    frozen_by_us = gc.get_freeze_count() == 0  # leave a caller's own freeze alone
+    if frozen_by_us:
+        gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, thresholds[1], thresholds[2])
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if frozen_by_us:
+            gc.unfreeze()
 
 
 def _scheduler(engine, plan: MemoryPlan, implementation: str, hooks: bool):

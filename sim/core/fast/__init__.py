@@ -22,7 +22,7 @@ from sim.core.fast.sequential import FastSequentialScheduler
 
 FastScheduler = FastContinuousScheduler | FastSequentialScheduler
 
-__all__ = ["FastContinuousScheduler", "FastSequentialScheduler", "FastScheduler", "LazyRequest", "fast_twin"]
+__all__ = ["FastContinuousScheduler", "FastScheduler", "FastSequentialScheduler", "LazyRequest", "fast_twin"]
 
 
 def fast_twin(scheduler) -> FastScheduler | None:

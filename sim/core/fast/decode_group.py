@@ -20,6 +20,7 @@ from array import array
 
 from reference.request import Request
 from sim.core.replica import SIM_TOKEN
+
 _TRIM_EVERY = 1 << 16  # step times kept before dropping the ones no decoder needs any more
 
 

@@ -93,12 +93,8 @@ class HybridPool:
         return sum(hi - lo for lo, hi in _minus(len(hold.real), num_computed // self.block_size, hold.unreg))
 
     # ---- keys ----------------------------------------------------------------------------------
-    def key(self, hold: Holding, req: Request, i: int) -> tuple[int, tuple[int, ...]]:
-        """BlockManager's cache key of block i of req: (hash of the parent's key, its tokens)."""
-        keys = self.keys_upto(hold, req, i + 1)
-        return keys[i]
-
-    def keys_upto(self, hold: Holding, req: Request, n: int) -> list:
+    def keys_upto(self, hold: Holding, req: Request, n: int) -> list[tuple[int, tuple[int, ...]]]:
+        """BlockManager's cache keys of req's first n blocks, (hash of the parent's key, its tokens), computed once."""
         keys = hold.keys
         bs = self.block_size
         while len(keys) < n:
