@@ -23,6 +23,7 @@ from reference.schedulers import ContinuousScheduler, OrcaScheduler, SequentialS
 from sim.lab.experiment import dumps_toml as to_toml
 from sim.lab.experiment import load_experiment
 from sim.lab.metrics import CellAccumulator
+from sim.core.fast import FastContinuousScheduler, FastSequentialScheduler
 from sim.core.replica import SIM_TOKEN, Replica
 from sim.lab.simulate import run_experiment, simulate_cell
 
@@ -158,13 +159,18 @@ def test_every_request_ends_once_and_all_kv_returns(doc):
             usage = sched.kv_usage()
             assert usage.stored_tokens == 0
             # llama.cpp slots stay reserved from load to exit; everything else gives its KV back.
-            assert usage.reserved_tokens == (usage.capacity_tokens if isinstance(sched, SequentialScheduler) else 0)
+            slots = isinstance(sched, (SequentialScheduler, FastSequentialScheduler))
+            assert usage.reserved_tokens == (usage.capacity_tokens if slots else 0)
             if isinstance(sched, ContinuousScheduler):
                 bm = sched.blocks
                 assert bm.num_free_blocks == bm.num_usable_blocks, "KV blocks leaked"
                 assert not bm.tables and sum(bm.ref_count) == 0
-            elif isinstance(sched, SequentialScheduler):
+            elif isinstance(sched, (SequentialScheduler, FastSequentialScheduler)):
                 assert sorted(sched.free_slots) == list(range(sched.layout.num_slots)) and not sched.slot_of
+            elif isinstance(sched, FastContinuousScheduler):  # the simulator's event-driven twin (sim.core.fast)
+                pool = sched.pool
+                assert pool.free_total == pool.num_usable, "KV blocks leaked"
+                assert not sched.holdings and not pool.dup and all(r == 0 for r in pool.ref.values())
             else:
                 assert not sched.batch and not sched.slot_of
         series = facts["timeseries"]

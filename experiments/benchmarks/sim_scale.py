@@ -1,43 +1,56 @@
-"""How fast the simulator runs: N requests of a ShareGPT-like workload through vLLM-style continuous batching.
+"""How fast the simulator runs: the fast path (sim.core.fast) beside the teaching path, in one run.
 
-Workload: 256 closed-loop clients (no think time), lognormal prompt and output lengths with
-ShareGPT-like means (~160 prompt, ~340 output tokens); one replica of Llama-3.1-8B on an
-H100 SXM, roofline cost model; vLLM defaults (block size 16, max_num_seqs 256, 2048 batched
-tokens per step, chunked prefill and prefix caching on). Per-request records stream to
-requests.csv (ResultsWriter), so memory stays flat apart from the summary columns (~0.1 KB per
-request).
+Scenarios (one replica of Llama-3.1-8B on an H100 SXM, roofline cost model, vLLM defaults: block
+size 16, 2048 batched tokens per step, chunked prefill and prefix caching on):
+- sharegpt: 256 closed-loop clients (no think time), lognormal ShareGPT-like lengths (~160
+  prompt, ~340 output tokens), max_num_seqs 256;
+- sharegpt-prefix: the same, half the requests starting with one of 4 shared 128-token system
+  prompts (prefix-cache hits, blocks tracked exactly where they can be shared);
+- burst-256 / burst-1024: every request at t = 0 (rate = inf), max_num_seqs 256, and 1024 with
+  8192 batched tokens (vLLM's H100 defaults): large batches, where per-sequence cost shows, and
+  at 1024 KV-pool pressure with preemptions. All requests are queued at once, so memory grows
+  with their number here by construction.
 
-Prints requests simulated per wall second, simulated seconds per wall second and peak RSS at
-checkpoints, and as the last line the headline: wall seconds for N requests and whether that
-meets 60 s.
+Each measurement runs in a fresh process (so peak RSS is its own): wall and CPU seconds, requests
+per wall second and per CPU second, simulated seconds per wall second, peak RSS. The fast path
+runs --requests (default 1,000,000; --burst-requests for the bursts), the teaching path
+--teaching-requests (default 20,000; it costs ~2 ms a request); the ratio fast / teaching is per
+CPU second and per wall second. The machine may be shared: the load average is printed before and
+after, and CPU seconds are the fairer figure. --identical N runs `servesim run`'s path
+(run_experiment) with both implementations on N requests and compares requests.csv, summary.json,
+timeseries.csv and itl_histograms.json byte for byte. --profile prints the fast path's cProfile
+top entries.
 
-    python experiments/benchmarks/sim_scale.py [--requests 1000000] [--out DIR] [--profile]
+    python experiments/benchmarks/sim_scale.py                       # everything (~10 min)
+    python experiments/benchmarks/sim_scale.py --scenarios sharegpt --requests 100000 --identical 0
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from sim.lab.experiment import load_experiment
 from sim.lab.metrics import ResultsWriter
-from sim.lab.simulate import simulate_cell
+from sim.lab.simulate import run_experiment, simulate_cell
 
-TARGET_S = 60.0  # wall seconds for a million requests
-CLIENTS = 256
+TARGET_S = 60.0  # wall seconds for a million requests, on one core
+FILES = ("requests.csv", "summary.json", "timeseries.csv", "itl_histograms.json")
 
-CONFIG = """
-name = "sim_scale"
+BASE = """
+name = "sim_scale_{scenario}"
 seed = 0
 model = "llama-3.1-8b"
 [workload]
-kind = "closed_loop"
-clients = [{clients}]
-num_requests = {requests}
+{load}
 [workload.prompt_tokens]   # ShareGPT-like: mean ~160 tokens, long tail
 dist = "lognormal"
 mean = 160
@@ -48,76 +61,155 @@ dist = "lognormal"
 mean = 340
 sigma = 1.0
 max = 4096
+{prefix}
 [engines.vllm]
 scheduler = "continuous"
-max_num_seqs = 256
+max_num_seqs = {seqs}
+max_num_batched_tokens = {tokens}
 [hardware]
 preset = "h100-sxm"
 [cost_model]
 kind = "roofline"
 """
+CLOSED = 'kind = "closed_loop"\nclients = [256]\nnum_requests = {n}'
+BURST = 'kind = "poisson"\nrates = [inf]\nnum_requests = {n}'
+PREFIX = "[workload.shared_prefix]\nfraction = 0.5\ntokens = 128\nnum_prefixes = 4"
+SCENARIOS = {
+    "sharegpt": dict(load=CLOSED, prefix="", seqs=256, tokens=2048),
+    "sharegpt-prefix": dict(load=CLOSED, prefix=PREFIX, seqs=256, tokens=2048),
+    "burst-256": dict(load=BURST, prefix="", seqs=256, tokens=2048),
+    "burst-1024": dict(load=BURST, prefix="", seqs=1024, tokens=8192),
+}
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB; ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def config(scenario: str, n: int) -> str:
+    """The experiment TOML of a scenario with n requests."""
+    s = SCENARIOS[scenario]
+    return BASE.format(scenario=scenario, load=s["load"].format(n=n), prefix=s["prefix"], seqs=s["seqs"],
+                       tokens=s["tokens"])
 
 
-def run(num_requests: int, out_dir: Path, checkpoints: int = 10) -> tuple[float, dict]:
-    """Simulate; print progress at `checkpoints` evenly spaced counts. Returns (wall s, summary)."""
-    exp = load_experiment(CONFIG.format(clients=CLIENTS, requests=num_requests))
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process, MB."""
+    with open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(scenario: str, implementation: str, n: int, checkpoints: int = 10, profile: int = 0) -> dict:
+    """Simulate one scenario cell, streaming results to a temporary directory; progress lines go to stderr."""
+    exp = load_experiment(config(scenario, n))
     cell = exp.cells()[0]
-    writer = ResultsWriter(out_dir)
-    acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate)
-    every = max(1, num_requests // checkpoints)
-    state = {"n": 0, "sim_t": 0.0}
-    start = time.perf_counter()
-    cpu0 = time.process_time()
-    print(f"{'requests':>10} {'wall s':>8} {'cpu s':>8} {'req/wall s':>11} {'sim s':>10} {'sim s/wall s':>13} "
-          f"{'peak RSS MB':>12}")
+    every = max(1, n // checkpoints)
+    state = {"n": 0, "sim_t": 0.0, "rss": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = ResultsWriter(tmp)
+        acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate)
+        start, cpu0 = time.perf_counter(), time.process_time()
 
-    def on_request(req) -> None:
-        state["n"] += 1
-        state["sim_t"] = max(state["sim_t"], req.finish_time or 0.0)
-        if state["n"] % every == 0 or state["n"] == num_requests:
-            wall = time.perf_counter() - start
-            print(f"{state['n']:>10,} {wall:>8.1f} {time.process_time() - cpu0:>8.1f} {state['n'] / wall:>11,.0f} "
-                  f"{state['sim_t']:>10,.0f} "
-                  f"{state['sim_t'] / wall:>13,.1f} {peak_rss_mb():>12,.0f}", flush=True)
+        def on_request(req) -> None:
+            state["n"] += 1
+            if req.finish_time is not None and req.finish_time > state["sim_t"]:
+                state["sim_t"] = req.finish_time
+            if state["n"] % every == 0:
+                wall = time.perf_counter() - start
+                current, peak = rss_mb()
+                state["rss"].append((state["n"], round(current), round(peak)))
+                print(f"  {implementation:>8} {state['n']:>10,} requests {wall:>7.1f} wall s "
+                      f"{time.process_time() - cpu0:>7.1f} cpu s {state['n'] / wall:>9,.0f} req/s "
+                      f"RSS {current:>6,.0f} MB (peak {peak:,.0f})", file=sys.stderr, flush=True)
 
-    facts = simulate_cell(exp, cell, acc, on_request=on_request)
-    wall = time.perf_counter() - start
-    facts.pop("timeseries")
-    summary = writer.finish_cell(acc, extra=dict(facts, wall_s=wall, cpu_s=time.process_time() - cpu0))
-    return wall, summary
+        prof = cProfile.Profile() if profile else None
+        if prof:
+            prof.enable()
+        facts = simulate_cell(exp, cell, acc, on_request=on_request, implementation=implementation)
+        if prof:
+            prof.disable()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        facts.pop("timeseries")
+        summary = writer.finish_cell(acc, extra=facts)
+    if prof:
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(profile)
+    return dict(scenario=scenario, implementation=implementation, requests=n, wall_s=wall, cpu_s=cpu,
+                sim_s=facts["sim_time_s"], steps=facts["num_steps"], preemptions=facts["preemptions"],
+                completed=summary["completed"], peak_rss_mb=rss_mb()[1], rss_checkpoints=state["rss"])
+
+
+def measure_in_child(scenario: str, implementation: str, n: int, profile: int = 0) -> dict:
+    """measure() in a fresh interpreter, so its peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--child", scenario, implementation, str(n), "--profile", str(profile)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def identical(scenario: str, n: int) -> dict[str, bool]:
+    """run_experiment (what `servesim run` does) with each implementation; are the four files byte-identical?"""
+    exp = load_experiment(config(scenario, n))
+    with tempfile.TemporaryDirectory() as tmp:
+        for impl in ("teaching", "fast"):
+            run_experiment(exp, Path(tmp) / impl, progress=False, implementation=impl)
+        return {name: (Path(tmp) / "teaching" / name).read_bytes() == (Path(tmp) / "fast" / name).read_bytes()
+                for name in FILES}
+
+
+def row(m: dict) -> str:
+    return (f"{m['scenario']:>16} {m['implementation']:>8} {m['requests']:>10,} {m['wall_s']:>8.1f} {m['cpu_s']:>8.1f} "
+            f"{m['requests'] / m['wall_s']:>11,.0f} {m['requests'] / m['cpu_s']:>11,.0f} "
+            f"{m['sim_s'] / m['wall_s']:>10,.1f} {m['peak_rss_mb']:>9,.0f} {m['steps']:>10,} {m['preemptions']:>8,}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=1_000_000, help="requests to simulate (default 1,000,000)")
-    ap.add_argument("--out", type=Path, default=None, help="results directory (default: a temporary one)")
-    ap.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    ap.add_argument("--requests", type=int, default=1_000_000, help="fast path, closed-loop scenarios")
+    ap.add_argument("--burst-requests", type=int, default=200_000, help="fast path, burst scenarios")
+    ap.add_argument("--teaching-requests", type=int, default=20_000, help="teaching path (0: skip it)")
+    ap.add_argument("--identical", type=int, default=20_000, help="requests of the byte-identity check (0: skip)")
+    ap.add_argument("--profile", type=int, default=0, help="print this many cProfile entries of each fast run")
+    ap.add_argument("--child", nargs=3, metavar=("SCENARIO", "IMPLEMENTATION", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp)
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            wall, s = run(args.requests, out)
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        else:
-            wall, s = run(args.requests, out)
-    print(f"simulated {s['sim_time_s']:,.0f} s of serving: {s['completed']:,} completed, "
-          f"{s['output_throughput']:,.0f} output tok/s, {s['num_steps']:,} steps, {s['preemptions']:,} preemptions, "
-          f"mean TTFT {s['mean_ttft_ms']:.0f} ms, mean TPOT {s['mean_tpot_ms']:.1f} ms")
-    verdict = "meets" if wall <= TARGET_S * args.requests / 1e6 else "misses"
-    print(f"CPU {s['cpu_s']:.1f} s for {wall:.1f} wall s (the machine is shared when CPU < wall)")
-    print(f"HEADLINE: {args.requests:,} requests in {wall:.1f} wall s "
-          f"({args.requests / wall:,.0f} req/s); {verdict} the {TARGET_S:.0f} s per million target"
-          + ("" if args.requests == 1_000_000 else
-             f" (extrapolated to 1M: {wall * 1e6 / args.requests:.0f} s wall, "
-             f"{s['cpu_s'] * 1e6 / args.requests:.0f} s CPU)"))
+    if args.child:
+        scenario, impl, n = args.child
+        print(json.dumps(measure(scenario, impl, int(n), profile=args.profile)))
+        return
+    scenarios = args.scenarios.split(",")
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    results = []
+    for scenario in scenarios:
+        n = args.burst_requests if scenario.startswith("burst") else args.requests
+        fast = measure_in_child(scenario, "fast", n, args.profile)
+        results.append(fast)
+        teaching = measure_in_child(scenario, "teaching", args.teaching_requests) if args.teaching_requests else None
+        if teaching:
+            results.append(teaching)
+    print(f"\n{'scenario':>16} {'path':>8} {'requests':>10} {'wall s':>8} {'cpu s':>8} {'req/wall s':>11} "
+          f"{'req/cpu s':>11} {'sim s/wall':>10} {'peak MB':>9} {'steps':>10} {'preempt':>8}")
+    for m in results:
+        print(row(m))
+    print()
+    for scenario in scenarios:
+        fast = next(m for m in results if m["scenario"] == scenario and m["implementation"] == "fast")
+        teach = next((m for m in results if m["scenario"] == scenario and m["implementation"] == "teaching"), None)
+        if teach:
+            print(f"{scenario}: fast / teaching = {fast['requests'] / fast['cpu_s'] / (teach['requests'] / teach['cpu_s']):.1f}x "
+                  f"per CPU second, {fast['requests'] / fast['wall_s'] / (teach['requests'] / teach['wall_s']):.1f}x "
+                  f"per wall second")
+        per_million_cpu = fast["cpu_s"] * 1e6 / fast["requests"]
+        per_million_wall = fast["wall_s"] * 1e6 / fast["requests"]
+        verdict = "meets" if per_million_cpu <= TARGET_S else "misses"
+        print(f"HEADLINE {scenario}: {fast['requests']:,} requests in {fast['wall_s']:.1f} wall s, {fast['cpu_s']:.1f} CPU s "
+              f"({fast['requests'] / fast['cpu_s']:,.0f} req per CPU s; a million in {per_million_cpu:.0f} CPU s, "
+              f"{per_million_wall:.0f} wall s): {verdict} the {TARGET_S:.0f} s per million target on one core; "
+              f"peak RSS {fast['peak_rss_mb']:,.0f} MB; RSS by requests done {fast['rss_checkpoints']}")
+    if args.identical:
+        for scenario in [s for s in scenarios if not s.startswith("burst")] or scenarios[:1]:
+            same = identical(scenario, args.identical)
+            print(f"IDENTICAL {scenario} ({args.identical:,} requests, run_experiment teaching vs fast): "
+                  + ", ".join(f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in same.items()))
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

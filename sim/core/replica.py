@@ -3,7 +3,9 @@
 The replica holds the very scheduler object the reference engine uses. Each step it asks the
 scheduler for a batch, advances simulated time by the cost model's step time, and feeds back a
 token per sampling request. So batching, admission, preemption and memory behave as in the real
-engine; only the clock is simulated.
+engine; only the clock is simulated. At scale it may instead hold an event-driven twin of the
+teaching scheduler (sim.core.fast: same decisions, proven by tests/test_fastpath.py), which
+writes every generated token itself (`event_driven`), so the replica passes no token list.
 
 Like reference.engine.Engine.run, a request that arrives while a step runs is handed to the
 scheduler when the step ends (after its update), not mid-step, and the next step is scheduled only
@@ -142,6 +144,7 @@ class Replica:
 
     def _loop(self):
         env, sched = self.env, self.scheduler
+        event_driven = getattr(sched, "event_driven", False)
         while True:
             out = sched.schedule(env.now) if sched.has_unfinished() else None
             if out is None or out.is_empty:
@@ -149,7 +152,8 @@ class Replica:
                 self._wake = env.event()
                 yield self._wake
                 continue
-            self._sample()
+            if env.now >= self._next_sample:
+                self._sample(force=True)
             dt = self.step_time(out.shape)
             if self.on_step:
                 self.on_step(env.now, out, dt)
@@ -158,16 +162,24 @@ class Replica:
             self._stepping = False
             self.num_steps += 1
             self.busy_s += dt
-            # One token per chunk that samples (c.samples, inlined: this runs for every chunk of every step).
-            tokens = [SIM_TOKEN] * sum([c.start + c.num_tokens == len(c.request.prompt_token_ids)
-                                        + len(c.request.output_token_ids) for c in out.chunks])
-            for req in sched.update(out, tokens, env.now):
-                self._end(req, self._done_events.pop(id(req)))
+            if event_driven:
+                tokens = None
+            else:  # one token per chunk that samples (c.samples, inlined: this runs for every chunk of every step)
+                tokens = [SIM_TOKEN] * sum([c.start + c.num_tokens == len(c.request.prompt_token_ids)
+                                            + len(c.request.output_token_ids) for c in out.chunks])
+            finished = sched.update(out, tokens, env.now)
+            if finished:
+                done_events = self._done_events
+                for req in finished:
+                    self._end(req, done_events.pop(id(req)))
             if self._arrived:
                 arrived, self._arrived = self._arrived, []
                 for req in arrived:
                     self._add(req)
-            yield _EndOfInstant(env)  # let clients that just got their answer send their next request
+            # Let clients that just got their answer send their next request. With nothing else due now
+            # the wait would be a no-op (SimPy orders ties by creation, which skipping it keeps), so skip it.
+            if env.peek() <= env.now:
+                yield _EndOfInstant(env)
 
 
 class Cluster:
@@ -185,6 +197,8 @@ class Cluster:
 
     def submit(self, req: Request) -> simpy.Event:
         """Route the request to a replica."""
+        if len(self.replicas) == 1:  # nothing to route, nothing to remember (abort asks the one replica)
+            return self.replicas[0].submit(req)
         if self.router == "round_robin":
             replica = self.replicas[self._next % len(self.replicas)]
             self._next += 1
@@ -197,6 +211,6 @@ class Cluster:
 
     def abort(self, req: Request, outcome: Outcome, reason: str) -> None:
         """Abort wherever the request went."""
-        replica = self._where.pop(id(req), None)
+        replica = self.replicas[0] if len(self.replicas) == 1 else self._where.pop(id(req), None)
         if replica is not None:
             replica.abort(req, outcome, reason)

@@ -5,33 +5,60 @@ replicas (each its engine kind's scheduler, timed by the cost model) behind a
 router, and the workload as SimPy processes (closed-loop clients, or an open-loop arrival process).
 Each finished request streams into DIR/requests.csv; the cell's summary goes to DIR/summary.json
 and its time series to DIR/timeseries.csv as soon as the cell ends.
+
+Which implementation of the scheduling policy runs (`implementation`):
+- "teaching": the engine's own scheduler objects (reference.schedulers), exactly what the
+  reference engine runs; every step costs per token and per sequence;
+- "fast": their event-driven twins (sim.core.fast) for continuous batching and llama.cpp slots,
+  decision-identical (tests/test_fastpath.py) and byte-identical in every results file, at a cost
+  per event. Requests are then sim.core.fast.LazyRequest: prompt ids drawn only when read;
+- "auto" (the default): fast where a twin exists (continuous, sequential) and no hook asks for
+  the teaching scheduler's objects (on_step, on_scheduler: traces); teaching otherwise (static
+  batching, Orca). `servesim run --teaching-path` forces the teaching path.
+
+Prefix caching and the fast path. The fast pool tracks block by block only what another request
+could hit; a block is private when its key chains through at least RANDOM_BITS bits of the
+request's own random prompt tokens (the workload draws every token after the shared prefix
+uniformly from [1, vocab_size)). Two such blocks coincide with probability <= 2^-128, below the
+2^-64 chance the teaching block manager already accepts for a collision of its chained hashes.
 """
 from __future__ import annotations
 
+import gc
+import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import simpy
 from tqdm import tqdm
 
-from reference.request import Outcome, Request
+from reference.errors import ConfigError
+from reference.request import Outcome, Request, SamplingParams
 from sim.core.costmodel import CostModel
+from sim.core.fast import LazyRequest, fast_twin
 from sim.core.memory import MemoryPlan
 from sim.core.replica import Cluster, Replica
 from sim.lab.experiment import Cell, Experiment
 from sim.lab.metrics import CellAccumulator, ResultsWriter
-from sim.lab.workload import ClosedLoopWorkload, to_request
+from sim.lab.workload import ClosedLoopWorkload, RequestSpec, to_request
+
+IMPLEMENTATIONS = ("auto", "fast", "teaching")
+GC_YOUNG_THRESHOLD = 100_000  # allocations between young-generation collections while a cell runs (CPython: 700)
+RANDOM_BITS = 128  # random bits a block's key must chain through to count as private (module docstring)
 
 
 def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostModel | None = None,
                   plan: MemoryPlan | None = None, on_request: Callable[[Request], None] | None = None,
-                  sample_interval_s: float = 0.1, on_step=None, on_scheduler: Callable | None = None) -> dict:
+                  sample_interval_s: float = 0.1, on_step=None, on_scheduler: Callable | None = None,
+                  implementation: str = "auto") -> dict:
     """Run one cell to completion; finished requests go to acc. Returns simulation facts and time series.
 
     on_step(now, out, dt) sees every step; on_request(req) every request that ends;
     on_scheduler(scheduler) sees each replica's scheduler when it is built (a tracer keeps a handle on it).
+    implementation: "auto", "fast" or "teaching" (module docstring); the results are the same.
     """
     engine = exp.engine(cell.engine)
     plan = plan or exp.plan(engine)
@@ -39,7 +66,7 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
     env = simpy.Environment()
     replicas = []
     for i in range(exp.hardware.replicas):
-        scheduler = engine.build_scheduler(plan)
+        scheduler = _scheduler(engine, plan, implementation, hooks=on_step is not None or on_scheduler is not None)
         if on_scheduler:
             on_scheduler(scheduler)
         replicas.append(Replica(env, f"r{i}", scheduler, cost.step_seconds, sample_interval_s=sample_interval_s,
@@ -47,6 +74,8 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
     cluster = Cluster(replicas, exp.hardware.router)
     workload = exp.workload.build(exp.seed, exp.model_spec.vocab_size, cell.load)
     timeout = workload.timeout_s
+    fast = getattr(replicas[0].scheduler, "event_driven", False)
+    make_request = _lazy_requests(exp.model_spec.vocab_size) if fast else to_request
 
     def record(req: Request, client: int | None) -> None:
         acc.add(req, client)
@@ -65,7 +94,7 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
 
     def client(c: int):
         while (spec := workload.next_for_client(c)) is not None:
-            yield from serve(to_request(spec, arrival_time=env.now), c)
+            yield from serve(make_request(spec, env.now), c)
             think = workload.think_time_s(c)
             if think > 0:
                 yield env.timeout(think)
@@ -76,11 +105,11 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
             if spec.arrival_time > env.now:
                 yield env.timeout(spec.arrival_time - env.now)
             if cap is None:
-                env.process(serve(to_request(spec, arrival_time=env.now), spec.client_id))
+                env.process(serve(make_request(spec, env.now), spec.client_id))
             else:
                 slot = cap.request()
                 yield slot  # like vLLM's --max-concurrency: the client holds the request back
-                env.process(_hold(cap, slot, serve(to_request(spec, arrival_time=env.now), spec.client_id)))
+                env.process(_hold(cap, slot, serve(make_request(spec, env.now), spec.client_id)))
 
     def _hold(cap, slot, proc):
         yield from proc
@@ -91,7 +120,8 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
             env.process(client(c))
     else:
         env.process(open_loop())
-    env.run()
+    with _rare_garbage_collection():
+        env.run()
     series = pd.DataFrame([row for r in replicas for row in r.series.rows(r.name)])
     return dict(
         sim_time_s=env.now, num_steps=sum(r.num_steps for r in replicas),
@@ -101,9 +131,75 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
         memory=plan.to_dict(), timeseries=series)
 
 
+@contextmanager
+def _rare_garbage_collection():
+    """Collect reference cycles rarely while a cell runs, and never rescan what existed before it.
+
+    A simulation allocates millions of short-lived objects and makes next to no cycles, yet
+    CPython's default thresholds run a collection every 700 net allocations and rescan the whole
+    heap (experiment, modules, pandas) now and then: ~15 % of a large run's CPU, for nothing. The
+    thresholds and the frozen objects are put back when the cell ends; results do not depend on it.
+    """
+    thresholds = gc.get_threshold()
+    frozen_by_us = gc.get_freeze_count() == 0  # leave a caller's own freeze alone
+    if frozen_by_us:
+        gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, thresholds[1], thresholds[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        if frozen_by_us:
+            gc.unfreeze()
+
+
+def _scheduler(engine, plan: MemoryPlan, implementation: str, hooks: bool):
+    """The replica's scheduler: the engine's teaching scheduler or its event-driven twin (module docstring)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError("implementation", f"unknown {implementation!r}", ", ".join(IMPLEMENTATIONS))
+    scheduler = engine.build_scheduler(plan)
+    if implementation == "teaching":
+        return scheduler
+    if hooks:
+        if implementation == "fast":
+            raise ConfigError("implementation", "a trace (on_step / on_scheduler) reads the teaching scheduler's "
+                              "batches and block tables", "auto | teaching")
+        return scheduler
+    twin = fast_twin(scheduler)
+    if twin is None and implementation == "fast":
+        raise ConfigError("implementation", f"engines.{engine.name}: scheduler {engine.scheduler!r} has no fast path "
+                          "(continuous with max_num_seqs <= max_num_batched_tokens, and sequential, have one)",
+                          "auto | teaching")
+    return twin or scheduler
+
+
+def _lazy_requests(vocab_size: int) -> Callable[[RequestSpec, float], LazyRequest]:
+    """make(spec, arrival_time) -> a LazyRequest with its unique_from (module docstring: RANDOM_BITS)."""
+    bits = math.log2(vocab_size - 1) if vocab_size > 2 else 0.0
+    need = math.ceil(RANDOM_BITS / bits) if bits > 0 else None  # random tokens that carry RANDOM_BITS
+
+    sampling: dict[int, SamplingParams] = {}  # frozen, so requests with the same max_tokens share one
+
+    def make(spec: RequestSpec, arrival_time: float) -> LazyRequest:
+        prompt_len, prefix_len = spec.prompt_len, spec.prefix_len
+        unique_from = None
+        if need is not None and prompt_len - prefix_len >= need:
+            unique_from = prefix_len + need - 1
+        params = sampling.get(spec.max_tokens)
+        if params is None:
+            params = sampling[spec.max_tokens] = SamplingParams(max_tokens=int(spec.max_tokens), ignore_eos=True)
+        head = spec.prefix_token_ids if prefix_len else ()
+        return LazyRequest(spec.request_id, prompt_len, head, lambda: spec.prompt_token_ids, params,
+                           float(arrival_time), unique_from)
+    return make
+
+
 def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
-                   echo: Callable[[str], None] = print) -> pd.DataFrame:
-    """Simulate every cell not already in out_dir; returns the summary table of all cells."""
+                   echo: Callable[[str], None] = print, implementation: str = "auto") -> pd.DataFrame:
+    """Simulate every cell not already in out_dir; returns the summary table of all cells.
+
+    implementation: "auto", "fast" or "teaching" (module docstring); the files are the same.
+    """
     out = Path(out_dir)
     writer = ResultsWriter(out, resume=resume)
     (out / "experiment.toml").write_text(exp.to_toml())
@@ -116,7 +212,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     for cell in tqdm(cells, desc=exp.name, unit="cell", disable=not progress):
         acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate)
         wall = time.perf_counter()
-        facts = simulate_cell(exp, cell, acc, costs[cell.engine])
+        facts = simulate_cell(exp, cell, acc, costs[cell.engine], implementation=implementation)
         series = facts.pop("timeseries")
         if len(series):
             series.insert(0, "cell", cell.label)

@@ -272,6 +272,13 @@ class RequestSpec:
     vocab_size: int = field(default=32000, repr=False)
 
     @property
+    def prefix_token_ids(self) -> tuple[int, ...]:
+        """The shared prefix's tokens (empty when none), without drawing the rest of the prompt."""
+        if self.prefix_id is None:
+            return ()
+        return _prefix_tokens(self.seed, self.prefix_id, self.prefix_len, self.vocab_size)
+
+    @property
     def prompt_token_ids(self) -> list[int]:
         """The prompt: shared prefix (if any) then tokens uniform in [1, vocab_size). Same every call."""
         prefix: list[int] = []
