@@ -12,7 +12,7 @@ import click
 from reference.errors import ConfigError
 
 COMMANDS = ("run", "bench", "profile", "validate", "serve", "claims", "audit", "trace", "steptime", "hardware",
-            "measured", "models", "schema")
+            "measured", "models", "schema", "plan")
 
 
 class _Commands(click.Group):

@@ -55,6 +55,8 @@ complete and check experiment files. Example (abridged; most keys have defaults)
     [slo]                            # optional goodput objectives (ms)
     ttft_ms = 500.0
     [published]                      # optional, free-form: the figures this config targets
+    [sweep]                          # optional: one run per point of a grid over any config keys
+    grid = {"engines.vllm.max_num_seqs" = [64, 256], "hardware.preset" = ["h100-sxm", "a100-sxm-80gb"]}
 
 Engine defaults are the real engines' defaults (see the engine classes). Model-dependent
 defaults (vLLM's max_model_len = the model's context length, Ollama's num_ctx capped by it)
@@ -63,6 +65,7 @@ Each engine kind owns its behaviour: its memory plan, its KV layout, its schedul
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -599,6 +602,52 @@ CostModelConfig = Annotated[Union[Annotated[RooflineConfig, Tag("roofline")], An
 
 
 # ---------------------------------------------------------------------------------------
+# Sweep: a grid over config keys (expanded into one experiment per point by sim.lab.sweep)
+
+_GRID_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def _grid_key_error(key: str, message: str, allowed: str) -> ConfigError:
+    return ConfigError(f"grid[{json.dumps(key)}]", message, allowed)
+
+
+class SweepConfig(ConfigModel):
+    """[sweep]: `grid` maps dotted config keys to the values each takes; every combination is a point.
+
+    A point is the experiment with those keys set (engine flags `engines.<name>.<key>`, `hardware.preset`,
+    `hardware.tp`, `hardware.replicas`, `workload.clients`, `workload.prompt_tokens.value`, `seed`, ...),
+    validated like any experiment file. Points run in grid order, the first key slowest.
+    """
+
+    grid: dict[Str, list[Any]]
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if not self.grid:
+            raise ConfigError("grid", "must name at least one key", 'a table such as {"hardware.preset" = [...]}')
+        for key, values in self.grid.items():
+            if not _GRID_KEY_RE.match(key):
+                raise _grid_key_error(key, "not a dotted key path", 'keys such as "engines.vllm.max_num_seqs"')
+            if key.split(".")[0] in ("sweep", "name"):
+                raise _grid_key_error(key, "cannot be swept", "keys of the experiment's other tables")
+            if not values:
+                raise _grid_key_error(key, "lists no values", "a non-empty list of values")
+            seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+            if len(set(seen)) != len(seen):
+                raise _grid_key_error(key, f"has duplicates: {values}", "distinct values (one point each)")
+        return self
+
+    @property
+    def num_points(self) -> int:
+        """How many points the grid has (the product of its value counts)."""
+        return math.prod(len(v) for v in self.grid.values())
+
+    def to_dict(self) -> dict:
+        """The [sweep] table."""
+        return {"grid": {k: list(v) for k, v in self.grid.items()}}
+
+
+# ---------------------------------------------------------------------------------------
 # Experiment
 
 
@@ -656,8 +705,19 @@ class Experiment(ConfigModel):
     cost_model: CostModelConfig | None = None
     slo: SLO = SLO()
     published: dict = {}
+    sweep: SweepConfig | None = None  # a grid of points (sim.lab.sweep); None: the experiment alone
 
     _source: str | None = PrivateAttr(default=None)  # the TOML file, when loaded from one
+    _document: dict | None = PrivateAttr(default=None)  # the tables as written (defaults unresolved)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_document(cls, data, handler):
+        """Keep the tables as given: a sweep point sets keys there, so defaults derived from them re-derive."""
+        exp = handler(data)
+        if isinstance(data, dict) and exp._document is None:
+            exp._document = copy.deepcopy(data)
+        return exp
 
     @model_validator(mode="after")
     def _resolve(self):
@@ -681,7 +741,27 @@ class Experiment(ConfigModel):
             raise ConfigError("hardware.tp", f"{self.hardware.tp} does not divide {model.name}'s "
                               f"num_heads={model.num_heads}", ", ".join(map(str, divisors)))
         self._check_fit(model)
+        self._check_sweep_keys()
         return self
+
+    def _check_sweep_keys(self) -> None:
+        """Each grid key starts with a table of the file; engine keys name an engine of the file."""
+        if self.sweep is None:
+            return
+        tables = [k for k in type(self).model_fields if k not in ("sweep", "name")]
+        for key in self.sweep.grid:
+            parts = key.split(".")
+            if parts[0] not in tables:
+                raise _grid_key_error(key, f"{parts[0]!r} is not a key of an experiment", ", ".join(tables)).under(
+                    "sweep")
+            if parts[0] == "engines" and (len(parts) < 3 or parts[1] not in self.engine_names):
+                raise _grid_key_error(key, "must be engines.<name>.<key> with an engine of this file",
+                                      ", ".join(f"engines.{n}.<key>" for n in self.engine_names)).under("sweep")
+
+    @property
+    def document(self) -> dict:
+        """The experiment's tables as written (defaults not filled in); to_dict() when it was built otherwise."""
+        return copy.deepcopy(self._document) if self._document is not None else self.to_dict()
 
     def _check_fit(self, model: ModelConfig) -> None:
         """Refuse a workload whose every request is longer than some engine's context."""
@@ -759,6 +839,8 @@ class Experiment(ConfigModel):
             d["slo"] = self.slo.to_dict()
         if self.published:
             d["published"] = self.published
+        if self.sweep is not None:
+            d["sweep"] = self.sweep.to_dict()
         return d
 
     def to_toml(self) -> str:
