@@ -341,6 +341,7 @@ def test_build_smoke_fresh_then_reuse(tmp_path):
     text = paper.read_text()
     assert "| T.1 |" in text and "**implausible**" in text
     assert "*Pending.*" in text  # no fidelity results yet
+    assert "## Teaching figures" not in text  # teaching=False: no section that names figures it does not show
     assert "5 figures: 4 tests" in text  # counts follow from the classes
     assert (tmp_path / "results" / "claims_tiny" / "claims.csv").exists()
     pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
