@@ -708,7 +708,7 @@ def write_paper(reports: list[ClaimsReport], figures: dict[str, list[Path]], pap
       "figures that disagree with each other by large factors. We ask, figure by figure: does a simulation of "
       "the two serving systems, on the stated hardware and model, produce the published number? Where it does "
       "not, which unstated assumption would explain the gap, and is the published number physically possible "
-      "at all? A fifth group holds the simulator itself against measured vLLM runs.\n")
+      "at all?" + _measured_groups_sentence(reports) + "\n")
     P("## What counts as a reproduction\n")
     P("Each published figure is classed in its config before anything is simulated (`class` in its table, with "
       "the reason in `class_note`):\n")
@@ -862,6 +862,15 @@ def write_paper(reports: list[ClaimsReport], figures: dict[str, list[Path]], pap
     paper.parent.mkdir(parents=True, exist_ok=True)
     paper.write_text("\n".join(parts))
     return paper
+
+
+def _measured_groups_sentence(reports: list[ClaimsReport]) -> str:
+    """' `claims_e...` holds the simulator itself against measured runs ...' for the groups that replay a trace."""
+    names = [f"`{r.exp.name}`" for r in reports if r.exp.workload.kind == "trace"]
+    if not names:
+        return ""
+    return (f" {_and(names)} {'hold' if len(names) > 1 else 'holds'} the simulator itself against measured runs of "
+            "the engine it models, replayed from their requests.")
 
 
 def _extrapolation_threat(reports: list[ClaimsReport]) -> str:
