@@ -22,6 +22,7 @@ from reference.request import Request, SamplingParams
 from sim.core.calibrated import FEATURES, CalibratedCostModel, features, nnls, shape_from_profile_row
 from sim.core.hardware import get_hardware
 from sim.core.roofline import RooflineCostModel
+from sim.core.runtime_costmodel import make_runtime_cost_model
 from sim.lab.commands.steptime import command as steptime_command
 from sim.lab.experiment import load_experiment
 
@@ -470,3 +471,47 @@ def test_steptime_errors_are_usage_errors(args, option):
 def test_steptime_requires_work():
     result = CliRunner().invoke(steptime_command, ["--model", "tiny", "--hardware", "h100-sxm"])
     assert result.exit_code == 2 and "computes nothing" in result.output
+
+
+@pytest.mark.parametrize("runtime", ["llama.cpp", "vllm"])
+def test_steptime_runtime_prices_the_step_by_the_runtime_law(runtime):
+    """--runtime R: the step is priced by RuntimeCostModel (same breakdown keys), not the roofline."""
+    args = ["--model", "llama-3.1-8b", "--hardware", "a100-sxm-80gb", "--decode-seqs", "5", "--context", "234",
+            "--dtype", "bf16", "--json"]
+    d = json.loads(CliRunner().invoke(steptime_command, [*args, "--runtime", runtime]).output)
+    law = make_runtime_cost_model(LLAMA8, "a100-sxm-80gb", runtime, "bf16")
+    expected = law.step_time(StepShape.decode(5, 234))
+    assert d["cost_model"] == "runtime" and d["runtime"] == runtime
+    assert d["step_ms"] == pytest.approx(expected.total_s * 1e3, rel=1e-12)
+    assert d["breakdown_ms"] == pytest.approx({k: v * 1e3 for k, v in expected.breakdown.items()}, rel=1e-12)
+    assert set(d["runtime_params"]) == set(law.params) and "mem_efficiency" not in d
+    roof = json.loads(CliRunner().invoke(steptime_command, args).output)
+    assert roof["cost_model"] == "roofline" and roof["step_ms"] != pytest.approx(d["step_ms"], rel=0.01)
+    if runtime == "vllm":  # LL-A100-10's median TPOT pins this step (a fit, not a reproduction)
+        assert d["step_ms"] == pytest.approx(12.01, abs=0.01)
+
+
+def test_steptime_runtime_text_says_how_terms_combine():
+    out = CliRunner().invoke(steptime_command, ["--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--dtype",
+                                                "gguf-q4_k_m", "--decode-seqs", "1", "--context", "200",
+                                                "--runtime", "llama.cpp"]).output
+    assert "llama.cpp's calibrated law" in out and "terms add up" in out
+    for word in ("weights", "kv reads", "compute", "communication", "overhead", "GB/s", "TFLOP/s"):
+        assert word in out
+
+
+@pytest.mark.parametrize("args, option, allowed", [
+    (["--runtime", "sglang"], "--runtime", "llama.cpp, vllm"),
+    (["--runtime", "llama.cpp", "--dtype", "fp8"], "--dtype", "gguf-q4_k_m"),
+    (["--runtime", "llama.cpp", "--hardware", "cpu-generic"], "--hardware", "h100-sxm"),
+    (["--runtime", "llama.cpp", "--ubatch", "0"], "--ubatch", ""),
+    (["--runtime", "vllm", "--mem-efficiency", "0.5"], "--mem-efficiency", "drop --runtime"),
+    (["--runtime", "vllm", "--overhead-ms", "1"], "--overhead-ms", "drop --runtime"),
+])
+def test_steptime_runtime_errors_name_the_option(args, option, allowed):
+    base = ["--model", "llama-3.1-8b", "--decode-seqs", "1"]
+    if "--hardware" not in args:
+        base += ["--hardware", "h100-sxm"]
+    result = CliRunner().invoke(steptime_command, [*base, *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Error: {option}:" in result.output and allowed in result.output

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 
+from reference.config import get_preset
 from reference.errors import ConfigError
 from sim.lab.experiment import (Cell, ContinuousEngine, Experiment, OrcaEngine, SequentialEngine, StaticEngine,
                                 dumps_toml, json_schema, load_experiment)
@@ -75,6 +79,7 @@ POISSON = """
 name = "h100_llama8b_rates"
 model = "llama-3.1-8b"
 seed = 3
+dtype = "bfloat16"  # the reference engine's 1 GiB pool then holds 8192 tokens: one max_model_len request fits
 
 [workload]
 kind = "gamma"
@@ -164,7 +169,9 @@ def test_cells_engine_major_in_toml_order():
 
 
 def test_defaults_are_the_real_engines_defaults():
-    exp = load_experiment(MINIMAL.replace('model = "tiny"', 'model = "llama-3.1-8b"'))
+    # vLLM's default max_model_len (131072) needs 17 GB of KV for one request: an H100 holds it (the reference
+    # engine's 1 GiB pool would not, and vLLM would refuse to start).
+    exp = load_experiment(MINIMAL.replace('model = "tiny"', 'model = "llama-3.1-8b"') + '[hardware]\npreset = "h100-sxm"\n')
     ollama, vllm = exp.engine("ollama"), exp.engine("vllm")
     assert isinstance(ollama, SequentialEngine)
     assert (ollama.num_parallel, ollama.max_queue, ollama.num_ctx, ollama.n_batch, ollama.n_ubatch) == \
@@ -362,3 +369,126 @@ def test_module_docstring_example_is_valid():
     exp = load_experiment(text)
     assert [e.name for e in exp.engines] == ["ollama", "vllm", "orca_max", "ft"]
     assert exp.hardware.preset == "h100-sxm" and exp.slo.ttft_ms == 500.0
+
+
+# ---------------------------------------------------------------------------------------
+# Memory plans refuse what the real engines refuse at start-up
+
+def _one_engine(table: str, hardware: str | None, model: str = "llama-3.1-8b", extra: str = "") -> str:
+    hw = f'[hardware]\npreset = "{hardware}"\n' if hardware else ""
+    return (f'model = "{model}"\n{extra}\n[workload]\nkind = "closed_loop"\nclients = [1]\nrequests_per_client = 1\n'
+            '[workload.prompt_tokens]\ndist = "fixed"\nvalue = 1\n[workload.output_tokens]\ndist = "fixed"\n'
+            f'value = 1\n[engines.e]\n{table}\n{hw}')
+
+
+def _largest(e: ConfigError, key: str) -> int:
+    """The largest value of key the error says would fit ('key <= N' in its allowed text)."""
+    m = re.search(rf"{key} <= (\d+)", e.allowed or "")
+    assert m, str(e)
+    return int(m.group(1))
+
+
+def test_vllm_default_context_on_a_24gb_card_is_refused_with_the_largest_that_fits():
+    """Issue example: Llama-3.1-8B FP16 on a 24 GB card, max_model_len = 131072 (the default): one sequence
+    needs 17 GB of KV; vLLM refuses ("The model's max seq len (131072) is larger than ...")."""
+    e = err(_one_engine('scheduler = "continuous"', "rtx-4090"))
+    assert e.field == "engines.e.max_model_len" and "(131072)" in e.message and "vLLM refuses" in e.message
+    most = _largest(e, "max_model_len")
+    assert 0 < most < 131072 and most % 16 == 0
+    ok = load_experiment(_one_engine(f'scheduler = "continuous"\nmax_model_len = {most}', "rtx-4090"))
+    assert ok.plan(ok.engines[0]).kv_capacity_tokens == most  # exactly the pool
+    assert err(_one_engine(f'scheduler = "continuous"\nmax_model_len = {most + 1}', "rtx-4090")).field == \
+        "engines.e.max_model_len"
+    # 17 GB of KV beside 16 GB of weights fit a 24 GB card at no gpu_memory_utilization: none is suggested
+    assert "gpu_memory_utilization" not in e.allowed
+
+
+def test_vllm_8192_context_over_a_4096_token_pool_is_refused():
+    """Issue example: max_model_len 8192 over a 4,096-token pool (the reference engine's 1 GiB pool of float32
+    Llama-3.1-8B K/V) was run with 186 preemptions; vLLM refuses to start."""
+    e = err(_one_engine('scheduler = "continuous"\nmax_model_len = 8192', None))
+    assert e.field == "engines.e.max_model_len" and "(4096" in e.message
+    assert _largest(e, "max_model_len") == 4096 and "num_blocks >= 513" in e.allowed
+    load_experiment(_one_engine('scheduler = "continuous"\nmax_model_len = 4096', None))
+    load_experiment(_one_engine('scheduler = "continuous"\nmax_model_len = 8192\nnum_blocks = 513', None))
+    # On a device: the utilization that leaves exactly one 8192-token request's KV is named too.
+    e = err(_one_engine('scheduler = "orca"\nmax_model_len = 8192\ngpu_memory_utilization = 0.72', "rtx-4090"))
+    assert e.field == "engines.e.max_model_len"
+    u = float(re.search(r"gpu_memory_utilization >= ([0-9.]+)", e.allowed).group(1))
+    load_experiment(_one_engine(f'scheduler = "orca"\nmax_model_len = 8192\ngpu_memory_utilization = {u}',
+                                "rtx-4090"))
+
+
+def test_weights_that_do_not_fit_name_the_formats_and_tp_that_would():
+    e = err(_one_engine('scheduler = "continuous"\nmax_model_len = 4096\nweights = "fp16"', "h100-sxm",
+                        model="llama-3.1-70b"))
+    assert e.field == "engines.e.weights" and "141" in e.message  # 141 GB of FP16 weights, 80 GB card
+    assert "weights = " in e.allowed and "fp8" in e.allowed and "fp16" not in e.allowed.split("weights = ")[1]
+    assert "[hardware] tp = 2" in e.allowed
+    load_experiment(_one_engine('scheduler = "continuous"\nmax_model_len = 4096\nweights = "fp8"', "h100-sxm",
+                                model="llama-3.1-70b"))
+    e = err(_one_engine('scheduler = "continuous"\nmax_model_len = 2048\ngpu_memory_utilization = 0.5',
+                        "rtx-4090"))
+    assert e.field == "engines.e.gpu_memory_utilization" and "No available memory" in e.message
+
+
+def test_ollama_slots_that_do_not_fit_name_num_parallel_and_num_ctx():
+    table = 'scheduler = "sequential"\nnum_parallel = 8\nnum_ctx = 8192'
+    e = err(_one_engine(table, "rtx-a6000", model="llama-3.1-70b"))  # 42.8 GB of Q4_K_M weights on 48 GiB
+    assert e.field == "engines.e.num_parallel" and "llama.cpp fails to allocate its KV buffer" in e.message
+    slots, ctx = _largest(e, "num_parallel"), _largest(e, "num_ctx")
+    assert 0 < slots < 8 and 0 < ctx < 8192
+    load_experiment(_one_engine(f'scheduler = "sequential"\nnum_parallel = {slots}\nnum_ctx = 8192', "rtx-a6000",
+                                model="llama-3.1-70b"))
+    load_experiment(_one_engine(f'scheduler = "sequential"\nnum_parallel = 8\nnum_ctx = {ctx}', "rtx-a6000",
+                                model="llama-3.1-70b"))
+    assert err(_one_engine(f'scheduler = "sequential"\nnum_parallel = {slots + 1}\nnum_ctx = 8192', "rtx-a6000",
+                           model="llama-3.1-70b")).field == "engines.e.num_parallel"
+    assert err(_one_engine(f'scheduler = "sequential"\nnum_parallel = 8\nnum_ctx = {ctx + 1}', "rtx-a6000",
+                           model="llama-3.1-70b")).field == "engines.e.num_parallel"
+
+
+_REFUSAL_KEYS = {"max_model_len", "weights", "gpu_memory_utilization", "num_parallel", "num_ctx", "max_batch_size",
+                 "max_num_batched_tokens", "n_ubatch"}
+
+
+@settings(max_examples=80, deadline=None)
+@given(kind=st.sampled_from(["continuous", "orca", "static", "sequential"]),
+       model=st.sampled_from(["llama-3.1-8b", "llama-3.1-70b", "llama-2-13b", "mistral-7b-v0.3"]),
+       hardware=st.sampled_from(["rtx-4090", "l4", "a100-40gb", "a100-80gb", "h100-sxm", "rtx-a6000", "b200"]),
+       weights=st.sampled_from(["fp16", "fp8", "gguf-q4_k_m", "gguf-q8_0"]),
+       utilization=st.floats(0.3, 1.0), context=st.integers(16, 131072), slots=st.integers(1, 16),
+       batch=st.integers(1, 8))
+def test_every_config_the_simulator_accepts_fits_its_device(kind, model, hardware, weights, utilization, context,
+                                                            slots, batch):
+    """Accepted: weights, activations and KV fit the device (the utilization's share of it for vLLM-style
+    engines) and one request of the engine's full context fits its KV. Refused: the error names a key, and the
+    largest max_model_len it names is accepted."""
+    context = min(context, get_preset(model).max_position)
+    if kind == "sequential":
+        table = f'scheduler = "sequential"\nnum_parallel = {slots}\nnum_ctx = {context}'
+    elif kind == "static":
+        table = (f'scheduler = "static"\nmax_batch_size = {batch}\nmax_model_len = {context}\n'
+                 f'gpu_memory_utilization = {utilization}')
+    else:
+        table = f'scheduler = "{kind}"\nmax_model_len = {context}\ngpu_memory_utilization = {utilization}'
+    table += f'\nweights = "{weights}"'
+    try:
+        exp = load_experiment(_one_engine(table, hardware, model))
+    except ConfigError as e:
+        assert e.field.startswith("engines.e.") and e.field.split(".")[-1] in _REFUSAL_KEYS, str(e)
+        assert e.allowed, str(e)
+        if e.field == "engines.e.max_model_len" and kind != "static":
+            most = _largest(e, "max_model_len")
+            load_experiment(_one_engine(table.replace(f"max_model_len = {context}", f"max_model_len = {most}"),
+                                        hardware, model))
+        return
+    plan = exp.plan(exp.engines[0])
+    engine = exp.engines[0]
+    assert plan.capacity_bytes > 0
+    if kind == "sequential":
+        assert plan.total_bytes <= plan.capacity_bytes
+        assert plan.kv_capacity_tokens == slots * min(context, exp.model_spec.max_position)
+    else:
+        assert plan.total_bytes <= plan.capacity_bytes * utilization
+        assert plan.kv_capacity_tokens >= engine.max_model_len  # one request of the full context fits

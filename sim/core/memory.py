@@ -8,6 +8,11 @@ Each engine kind (sim.lab.experiment) chooses its plan from these pieces; this m
 arithmetic they share. Without a hardware model (the reference engine on this machine) a pool is
 sized by the engine itself, capped at REFERENCE_KV_BUDGET bytes.
 
+What the real engines refuse at start-up, the plans refuse too (ConfigError naming the key and the
+largest value that fits): a paged pool that cannot hold one request of max_model_len (vLLM:
+`largest_paged_context`), slots whose num_parallel x num_ctx tokens do not fit beside the weights
+(llama.cpp fails to allocate its KV buffer), weights that do not fit the device.
+
 Plain Python, no JAX.
 """
 from __future__ import annotations
@@ -88,6 +93,26 @@ def device_budget(model: ModelConfig, hardware, weights: str, kv_dtype: str, tp:
                        / min(tp, model.num_kv_heads))
     w = weight_bytes(model, get_weight_format(weights, field_prefix + "weights")) // tp
     return DeviceBudget(hardware.memory_bytes, w, activation_bytes(model, tokens, seqs, tp), kv_per_token)
+
+
+def largest_paged_context(kv_bytes: int, kv_bytes_per_token: int, block_size: int) -> int:
+    """The longest request (tokens) a paged pool of kv_bytes can hold: whole blocks x block_size.
+
+    vLLM's start-up rule: one request of max_model_len must fit in the pool, block by block
+    (V0 `raise_if_cache_size_invalid`: max_model_len > block_size x num_gpu_blocks is refused; V1
+    `check_enough_kv_cache_memory`: cdiv(max_model_len, block_size) x page bytes > available memory
+    is refused, and `estimate_max_model_len` reports the largest length that fits). The null block
+    the simulator (like V1's BlockPool) keeps back is not part of kv_bytes here.
+    """
+    if kv_bytes <= 0:
+        return 0
+    return int(kv_bytes // (kv_bytes_per_token * block_size)) * block_size
+
+
+def least_utilization(budget: DeviceBudget, kv_tokens: int) -> float:
+    """The gpu_memory_utilization whose share of the device holds the weights, activations and kv_tokens of KV."""
+    return (budget.weights_bytes + budget.activation_bytes + kv_tokens * budget.kv_bytes_per_token) \
+        / budget.capacity_bytes
 
 
 def reference_budget(model: ModelConfig, dtype: str) -> DeviceBudget:

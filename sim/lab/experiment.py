@@ -83,8 +83,10 @@ from reference.schedulers import (ContinuousScheduler, OrcaScheduler, Scheduler,
 from sim.core.calibrated import CalibratedCostModel
 from sim.core.costmodel import CostModel, StepPhysics
 from sim.core.formats import KV_DTYPES, WEIGHT_FORMATS
+from sim.core.formats import weight_bytes as format_weight_bytes
 from sim.core.hardware import HARDWARE, Hardware, get_hardware
-from sim.core.memory import REFERENCE_KV_BUDGET, MemoryPlan, device_budget, reference_budget
+from sim.core.memory import (REFERENCE_KV_BUDGET, MemoryPlan, device_budget, largest_paged_context, least_utilization,
+                             reference_budget)
 from sim.core.roofline import RooflineCostModel
 from sim.core.runtime_costmodel import RuntimeCostModel
 from sim.core.runtimes import FIT_PATH, RUNTIMES, load_fit
@@ -135,6 +137,7 @@ class EngineConfig(ConfigModel):
     runtime: Runtime = "vllm"  # whose kernels execute a step on a GPU (cost_model.kind = "runtime")
 
     CONTEXT_KEY: ClassVar[str] = "max_model_len"
+    ACTIVATION_KEY: ClassVar[str] = "max_num_batched_tokens"  # the key that sizes the largest step (activation peak)
 
     @model_validator(mode="after")
     def _named(self):
@@ -199,16 +202,69 @@ class EngineConfig(ConfigModel):
         return device_budget(model, hardware, self.weights, self.kv_dtype, tp, tokens, seqs,
                              field_prefix=f"engines.{self.name}.")
 
-    def _kv_budget_bytes(self, model: ModelConfig, budget, hardware: Hardware, utilization: float) -> int:
-        """Bytes left for KV after weights and activations, or ConfigError (the weights do not fit)."""
+    def _refuse_weights(self, model: ModelConfig, budget, hardware: Hardware, tp: int, kv_tokens: int) -> None:
+        """ConfigError when weights and activations leave no room for kv_tokens of KV on the device.
+
+        Names engines.<name>.weights with the formats and the tensor parallelism that would fit, or
+        the key that sizes the largest step (ACTIVATION_KEY) when the weights alone would fit.
+        """
+        room, kv = budget.capacity_bytes, kv_tokens * budget.kv_bytes_per_token
+        if budget.weights_bytes + budget.activation_bytes + kv <= room:
+            return
+        if budget.weights_bytes + kv <= room:  # the largest step's activations are what does not fit
+            tokens, seqs = self.activation_step()
+            key = self.ACTIVATION_KEY
+            raise ConfigError(f"engines.{self.name}.{key}",
+                              f"the activations of the largest step ({tokens} tokens over {seqs} sequences: "
+                              f"{budget.activation_bytes / 1e9:.1f} GB with the runtime's reserve) do not fit beside "
+                              f"the weights ({budget.weights_bytes / 1e9:.1f} GB) in {budget.capacity_bytes / 1e9:.1f} "
+                              f"GB of {hardware.name}", f"a smaller {key} = {getattr(self, key)}")
+        formats = [f for f in WEIGHT_FORMATS
+                   if format_weight_bytes(model, f) // tp + budget.activation_bytes + kv <= room]
+        tps = [d for d in (2, 4, 8, 16) if d > tp and model.num_heads % d == 0
+               and self._fits(self._budget(model, hardware, d), kv, room)]
+        options = ([f"weights = {' | '.join(formats)}"] if formats else []) + \
+                  ([f"[hardware] tp = {tps[0]}"] if tps else []) + ["a device with more memory"]
+        raise ConfigError(f"engines.{self.name}.weights",
+                          f"{model.name} in {self.weights} ({budget.weights_bytes / 1e9:.1f} GB per device) plus "
+                          f"activations ({budget.activation_bytes / 1e9:.1f} GB) do not fit in "
+                          f"{budget.capacity_bytes / 1e9:.1f} GB of {hardware.name}", ", or ".join(options))
+
+    @staticmethod
+    def _fits(budget, kv_bytes: int, room: int) -> bool:
+        return budget.weights_bytes + budget.activation_bytes + kv_bytes <= room
+
+    def _kv_budget_bytes(self, model: ModelConfig, budget, hardware: Hardware, tp: int, utilization: float,
+                         request_tokens: int) -> int:
+        """Bytes left for KV after weights and activations in utilization x memory; ConfigError when nothing is left.
+
+        request_tokens: the longest request the engine must hold (for the suggestions in the error).
+        vLLM refuses this at start-up: "No available memory for the cache blocks. Try increasing
+        `gpu_memory_utilization`" (V0 raise_if_cache_size_invalid, V1 check_enough_kv_cache_memory).
+        """
+        self._refuse_weights(model, budget, hardware, tp, 1)
         left = int(budget.capacity_bytes * utilization) - budget.weights_bytes - budget.activation_bytes
-        if left <= 0:
-            raise ConfigError(f"engines.{self.name}.weights",
-                              f"{model.name} in {self.weights} ({budget.weights_bytes / 1e9:.1f} GB) plus activations "
-                              f"({budget.activation_bytes / 1e9:.1f} GB) does not fit in {utilization} x "
-                              f"{budget.capacity_bytes / 1e9:.1f} GB of {hardware.name}",
-                              "a smaller weight format, more tensor parallelism, or a larger device")
+        if left < self._min_kv_bytes(budget):
+            raise self._no_kv_memory(model, budget, hardware, utilization, request_tokens)
         return left
+
+    def _min_kv_bytes(self, budget) -> int:
+        """The least KV allocation that holds anything: one block (paged) or one token."""
+        return budget.kv_bytes_per_token * getattr(self, "block_size", 1)
+
+    def _no_kv_memory(self, model: ModelConfig, budget, hardware: Hardware, utilization: float,
+                      request_tokens: int) -> ConfigError:
+        """vLLM's "No available memory for the cache blocks", naming gpu_memory_utilization and what would fit."""
+        least = least_utilization(budget, request_tokens)
+        some = least_utilization(budget, self._min_kv_bytes(budget) // budget.kv_bytes_per_token)
+        allowed = (f"gpu_memory_utilization >= {math.ceil(least * 1000) / 1000:g} for one request of "
+                   f"{request_tokens} tokens" if least <= 1 else
+                   f"gpu_memory_utilization >= {math.ceil(some * 1000) / 1000:g} and a shorter context")
+        return ConfigError(f"engines.{self.name}.gpu_memory_utilization",
+                           f"{utilization:g} x {budget.capacity_bytes / 1e9:.1f} GB of {hardware.name} leaves no "
+                           f"memory for the KV cache after {model.name}'s weights ({budget.weights_bytes / 1e9:.1f} "
+                           f"GB) and activations ({budget.activation_bytes / 1e9:.1f} GB); vLLM refuses to start "
+                           "(\"No available memory for the cache blocks\")", allowed)
 
     def max_concurrent(self, mem: dict, tokens_per_request: int) -> int:
         """Requests of tokens_per_request whose KV fits at once in a memory plan (MemoryPlan.to_dict())."""
@@ -246,6 +302,7 @@ class SequentialEngine(EngineConfig):
     n_ubatch: PositiveInt = 512
 
     CONTEXT_KEY: ClassVar[str] = "num_ctx"
+    ACTIVATION_KEY: ClassVar[str] = "n_ubatch"
 
     @model_validator(mode="after")
     def _ubatch(self):
@@ -270,18 +327,34 @@ class SequentialEngine(EngineConfig):
         return self.n_ubatch, self.num_parallel
 
     def plan_memory(self, model, hardware=None, tp=1, dtype="float32"):
+        """num_parallel x num_ctx tokens of KV allocated at load beside the weights.
+
+        llama.cpp allocates the whole KV buffer when the context is created and refuses to start
+        when it does not fit ("llama_kv_cache_init: failed to allocate buffer for kv cache",
+        llama_new_context_with_model); Ollama would then offload layers to the CPU, which is not
+        modelled, so such a config is refused, naming the largest num_parallel and num_ctx that fit.
+        """
         tokens = self.num_parallel * self.num_ctx
         if hardware is None:
             return reference_budget(model, dtype).plan(tokens, slot_tokens=self.num_ctx)
         budget = self._budget(model, hardware, tp)
+        self._refuse_weights(model, budget, hardware, tp, 1)
         plan = budget.plan(tokens, slot_tokens=self.num_ctx)
         if plan.total_bytes > budget.capacity_bytes:
-            fit = max(0, (budget.capacity_bytes - budget.weights_bytes - budget.activation_bytes)
-                      // (budget.kv_bytes_per_token * self.num_ctx))
-            raise ConfigError(f"engines.{self.name}.num_parallel",
-                              f"{self.num_parallel} slots x num_ctx={self.num_ctx} need "
-                              f"{plan.total_bytes / 1e9:.1f} GB with the weights, the device has "
-                              f"{budget.capacity_bytes / 1e9:.1f} GB", f"at most {fit} slots")
+            free = budget.capacity_bytes - budget.weights_bytes - budget.activation_bytes
+            slots = free // (budget.kv_bytes_per_token * self.num_ctx)
+            ctx = free // (budget.kv_bytes_per_token * self.num_parallel)
+            options = ([f"num_parallel <= {slots} at num_ctx = {self.num_ctx}"] if slots else []) + \
+                      ([f"num_ctx <= {ctx} at num_parallel = {self.num_parallel}"] if ctx else []) + \
+                      ([f"num_parallel = 1 and num_ctx <= {free // budget.kv_bytes_per_token}"] if not (slots or ctx)
+                       else [])
+            raise ConfigError(f"engines.{self.name}.{'num_parallel' if slots else 'num_ctx'}",
+                              f"{self.num_parallel} slots x num_ctx {self.num_ctx} = {tokens} tokens of KV "
+                              f"({tokens * budget.kv_bytes_per_token / 1e9:.1f} GB) do not fit beside the weights "
+                              f"({budget.weights_bytes / 1e9:.1f} GB) and activations "
+                              f"({budget.activation_bytes / 1e9:.1f} GB) in {budget.capacity_bytes / 1e9:.1f} GB of "
+                              f"{hardware.name}: llama.cpp fails to allocate its KV buffer at load",
+                              ", or ".join(options))
         return plan
 
     def layout(self, plan):
@@ -316,6 +389,8 @@ class StaticEngine(EngineConfig):
     kv_capacity_tokens: Annotated[Int, Field(ge=0)] = 0
     gpu_memory_utilization: Fraction = 0.9
 
+    ACTIVATION_KEY: ClassVar[str] = "max_batch_size"
+
     @model_validator(mode="after")
     def _capacity(self):
         if self.max_model_len is not None and 0 < self.kv_capacity_tokens < self.max_model_len:
@@ -344,8 +419,22 @@ class StaticEngine(EngineConfig):
             budget = reference_budget(model, dtype)
             return budget.plan(self.kv_capacity_tokens or self.max_batch_size * self.max_model_len)
         budget = self._budget(model, hardware, tp)
-        left = self._kv_budget_bytes(model, budget, hardware, self.gpu_memory_utilization)
-        return budget.plan(self.kv_capacity_tokens or left // budget.kv_bytes_per_token)
+        left = self._kv_budget_bytes(model, budget, hardware, tp, self.gpu_memory_utilization, self.max_model_len)
+        most = left // budget.kv_bytes_per_token
+        if self.kv_capacity_tokens > most:
+            raise ConfigError(f"engines.{self.name}.kv_capacity_tokens",
+                              f"{self.kv_capacity_tokens} tokens of KV do not fit in the {left / 1e9:.2f} GB that "
+                              f"gpu_memory_utilization {self.gpu_memory_utilization:g} leaves on {hardware.name}",
+                              f"kv_capacity_tokens <= {most}, or 0 (size from memory)")
+        capacity = self.kv_capacity_tokens or most
+        if capacity < self.max_model_len:  # one request of max_model_len must fit, as in vLLM
+            need = least_utilization(budget, self.max_model_len)
+            alt = f", or gpu_memory_utilization >= {math.ceil(need * 1000) / 1000:g}" if need <= 1 else ""
+            raise ConfigError(f"engines.{self.name}.max_model_len",
+                              f"one request of max_model_len = {self.max_model_len} tokens does not fit the "
+                              f"{capacity}-token KV cache on {hardware.name}",
+                              f"max_model_len <= {capacity}{alt}")
+        return budget.plan(capacity)
 
     def layout(self, plan):
         return SlotLayout(self.max_batch_size, self.max_model_len)
@@ -419,16 +508,51 @@ class _PagedEngine(EngineConfig):
         return self.max_num_batched_tokens, self.max_num_seqs
 
     def plan_memory(self, model, hardware=None, tp=1, dtype="float32"):
-        bs = self.block_size
+        """A pool of num_blocks blocks (block 0 is the null block): from memory, or num_blocks when set.
+
+        Refused, as vLLM refuses at start-up, when the pool cannot hold one request of
+        max_model_len: vLLM V0 `raise_if_cache_size_invalid` ("The model's max seq len (X) is
+        larger than the maximum number of tokens that can be stored in KV cache (Y). Try increasing
+        `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine"), V1
+        `check_enough_kv_cache_memory` in vllm/v1/core/kv_cache_utils.py (vllm-project/vllm@001cabc:
+        cdiv(max_model_len, block_size) pages must fit the available KV memory; its
+        `estimate_max_model_len` names the largest length that would). The error names
+        engines.<name>.max_model_len and that largest length (sim.core.memory.largest_paged_context).
+        """
+        bs, mml = self.block_size, self.max_model_len
+        field = f"engines.{self.name}."
+        need_blocks = -(-mml // bs)
         if hardware is None:
             budget = reference_budget(model, dtype)
-            wanted = self.max_num_seqs * -(-self.max_model_len // bs)
+            wanted = self.max_num_seqs * need_blocks
             num_blocks = self.num_blocks or min(wanted, REFERENCE_KV_BUDGET // (budget.kv_bytes_per_token * bs)) + 1
-        else:
-            budget = self._budget(model, hardware, tp)
-            left = self._kv_budget_bytes(model, budget, hardware, self.gpu_memory_utilization)
-            num_blocks = self.num_blocks or left // (budget.kv_bytes_per_token * bs) + 1
-        return budget.plan((num_blocks - 1) * bs, num_blocks=num_blocks, block_size=bs)
+            fit = (num_blocks - 1) * bs
+            if mml > fit:
+                raise ConfigError(field + "max_model_len",
+                                  f"The model's max seq len ({mml}) is larger than the maximum number of tokens that "
+                                  f"can be stored in KV cache ({fit}: {num_blocks - 1} usable blocks of {bs}); vLLM "
+                                  "refuses to start", f"max_model_len <= {fit}, or num_blocks >= {need_blocks + 1}")
+            return budget.plan(fit, num_blocks=num_blocks, block_size=bs)
+        budget = self._budget(model, hardware, tp)
+        left = self._kv_budget_bytes(model, budget, hardware, tp, self.gpu_memory_utilization, mml)
+        most = largest_paged_context(left, budget.kv_bytes_per_token, bs)
+        if self.num_blocks and (self.num_blocks - 1) * bs > most:
+            raise ConfigError(field + "num_blocks", f"{self.num_blocks} blocks ({self.num_blocks - 1} usable) of "
+                              f"{bs} tokens do not fit in the {left / 1e9:.2f} GB that gpu_memory_utilization "
+                              f"{self.gpu_memory_utilization:g} leaves for KV on {hardware.name}",
+                              f"num_blocks <= {most // bs + 1}, or 0 (size from memory)")
+        fit = (self.num_blocks - 1) * bs if self.num_blocks else most
+        if mml > fit:
+            need = least_utilization(budget, need_blocks * bs)
+            alt = f", or gpu_memory_utilization >= {math.ceil(need * 1000) / 1000:g}" if need <= 1 else ""
+            raise ConfigError(field + "max_model_len",
+                              f"The model's max seq len ({mml}) is larger than the maximum number of tokens that can "
+                              f"be stored in KV cache ({fit}): one request needs "
+                              f"{need_blocks * bs * budget.kv_bytes_per_token / 1e9:.2f} GB of KV, the pool on "
+                              f"{hardware.name} at gpu_memory_utilization {self.gpu_memory_utilization:g} has "
+                              f"{fit * budget.kv_bytes_per_token / 1e9:.2f} GB; vLLM refuses to start",
+                              f"max_model_len <= {fit}{alt}")
+        return budget.plan(fit, num_blocks=fit // bs + 1, block_size=bs)
 
     def layout(self, plan):
         return PagedLayout(plan.num_blocks, self.block_size)
@@ -741,6 +865,8 @@ class Experiment(ConfigModel):
             raise ConfigError("hardware.tp", f"{self.hardware.tp} does not divide {model.name}'s "
                               f"num_heads={model.num_heads}", ", ".join(map(str, divisors)))
         self._check_fit(model)
+        for e in self.engines:  # refuse now what the real engine refuses at start-up (its memory plan)
+            self.plan(e)
         self._check_sweep_keys()
         return self
 

@@ -1,11 +1,11 @@
-"""`servesim claims CONFIG --out DIR`: published figures against the simulation, with verdicts."""
+"""`servesim claims CONFIG --out DIR`: published figures against the simulation, with classes and verdicts."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from sim.lab.claims import VERDICTS, format_sweeps, format_table, run_claims
+from sim.lab.claims import counts_text, format_sweeps, format_table, run_claims
 from sim.lab.experiment import load_experiment
 
 
@@ -15,7 +15,7 @@ from sim.lab.experiment import load_experiment
               help="Results directory (default: runs/<experiment name>).")
 @click.option("--reuse", is_flag=True, help="Keep the cells already simulated in --out (resume) instead of starting over.")
 def command(config: str, out_dir: str | None, reuse: bool) -> None:
-    """Run a claims config and print published vs simulated figures with verdicts (DIR/claims.csv)."""
+    """Run a claims config (test figures at several seeds) and print published vs simulated with verdicts."""
     exp = load_experiment(config)
     out = Path(out_dir) if out_dir else Path("runs") / exp.name
     report = run_claims(exp, out, reuse=reuse, progress=True, echo=click.echo)
@@ -25,5 +25,4 @@ def command(config: str, out_dir: str | None, reuse: bool) -> None:
         click.echo(format_sweeps(report.sweeps))
     click.echo("")
     click.echo(report.audit_text)
-    counts = report.table["verdict"].value_counts()
-    click.echo("\n" + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS) + f"  ->  {out / 'claims.csv'}")
+    click.echo(f"\n{counts_text(report.table)}  ->  {out / 'claims.csv'}")
