@@ -125,12 +125,14 @@ def test_points_rederive_defaults_from_the_swept_key():
 
 
 def test_a_bad_point_is_named_before_anything_runs():
-    text = BASE.replace('model = "tiny"', 'model = "llama-3.1-70b"').replace("num_ctx = 64", "num_ctx = 64\nweights = \"fp16\"")
-    exp = load_experiment(text + '\n[sweep]\ngrid = {"hardware.preset" = ["h100-sxm", "b200"]}\n')
+    # The file itself fits (a B200 holds 70B in fp16); its second point does not (an H100 does not).
+    text = (BASE.replace('model = "tiny"', 'model = "llama-3.1-70b"').replace('preset = "h100-sxm"', 'preset = "b200"')
+            .replace("num_ctx = 64", "num_ctx = 64\nweights = \"fp16\""))
+    exp = load_experiment(text + '\n[sweep]\ngrid = {"hardware.preset" = ["b200", "h100-sxm"]}\n')
     with pytest.raises(ConfigError) as e:
         expand(exp)
-    assert e.value.field == "engines.ollama.num_parallel"
-    assert "in sweep point hardware.preset=h100-sxm" in str(e.value) and "142.3 GB" in str(e.value)
+    assert e.value.field == "engines.ollama.weights"
+    assert "in sweep point hardware.preset=h100-sxm" in str(e.value) and "141.1 GB" in str(e.value)
 
 
 def test_a_swept_value_of_the_wrong_type_is_named_with_the_point():
