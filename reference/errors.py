@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
     def renamed(self, field: str) -> ConfigError:
         """The same error reported under another field name (a CLI option, a full key path)."""
-        return ConfigError(field, self.message, self.allowed)
+        return type(self)(field, self.message, self.allowed)
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with its field inside prefix (prefix.field, or prefix alone when it has none)."""
@@ -30,3 +30,9 @@ class ConfigError(ValueError):
             return self.renamed(prefix)
         return self.renamed(prefix + self.field if self.field.startswith("[") else f"{prefix}.{self.field}")
 
+
+
+class DoesNotFit(ConfigError):
+    """A well-formed configuration that its device cannot hold: what the real engine refuses at start-up
+    (weights, activations or KV over the memory). A capacity planner reports such a candidate instead
+    of stopping on it."""

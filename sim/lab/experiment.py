@@ -76,7 +76,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BeforeValidator, Discriminator, Field, PrivateAttr, Tag, TypeAdapter, model_validator
 
 from reference.config import PRESETS, ModelConfig, get_preset
-from reference.errors import ConfigError
+from reference.errors import ConfigError, DoesNotFit
 from reference.layout import Layout, PagedLayout, SlotLayout
 from reference.schedulers import (ContinuousScheduler, OrcaScheduler, Scheduler, SequentialScheduler,
                                   StaticScheduler)
@@ -214,7 +214,7 @@ class EngineConfig(ConfigModel):
         if budget.weights_bytes + kv <= room:  # the largest step's activations are what does not fit
             tokens, seqs = self.activation_step()
             key = self.ACTIVATION_KEY
-            raise ConfigError(f"engines.{self.name}.{key}",
+            raise DoesNotFit(f"engines.{self.name}.{key}",
                               f"the activations of the largest step ({tokens} tokens over {seqs} sequences: "
                               f"{budget.activation_bytes / 1e9:.1f} GB with the runtime's reserve) do not fit beside "
                               f"the weights ({budget.weights_bytes / 1e9:.1f} GB) in {budget.capacity_bytes / 1e9:.1f} "
@@ -225,7 +225,7 @@ class EngineConfig(ConfigModel):
                and self._fits(self._budget(model, hardware, d), kv, room)]
         options = ([f"weights = {' | '.join(formats)}"] if formats else []) + \
                   ([f"[hardware] tp = {tps[0]}"] if tps else []) + ["a device with more memory"]
-        raise ConfigError(f"engines.{self.name}.weights",
+        raise DoesNotFit(f"engines.{self.name}.weights",
                           f"{model.name} in {self.weights} ({budget.weights_bytes / 1e9:.1f} GB per device) plus "
                           f"activations ({budget.activation_bytes / 1e9:.1f} GB) do not fit in "
                           f"{budget.capacity_bytes / 1e9:.1f} GB of {hardware.name}", ", or ".join(options))
@@ -348,7 +348,7 @@ class SequentialEngine(EngineConfig):
                       ([f"num_ctx <= {ctx} at num_parallel = {self.num_parallel}"] if ctx else []) + \
                       ([f"num_parallel = 1 and num_ctx <= {free // budget.kv_bytes_per_token}"] if not (slots or ctx)
                        else [])
-            raise ConfigError(f"engines.{self.name}.{'num_parallel' if slots else 'num_ctx'}",
+            raise DoesNotFit(f"engines.{self.name}.{'num_parallel' if slots else 'num_ctx'}",
                               f"{self.num_parallel} slots x num_ctx {self.num_ctx} = {tokens} tokens of KV "
                               f"({tokens * budget.kv_bytes_per_token / 1e9:.1f} GB) do not fit beside the weights "
                               f"({budget.weights_bytes / 1e9:.1f} GB) and activations "
@@ -422,7 +422,7 @@ class StaticEngine(EngineConfig):
         left = self._kv_budget_bytes(model, budget, hardware, tp, self.gpu_memory_utilization, self.max_model_len)
         most = left // budget.kv_bytes_per_token
         if self.kv_capacity_tokens > most:
-            raise ConfigError(f"engines.{self.name}.kv_capacity_tokens",
+            raise DoesNotFit(f"engines.{self.name}.kv_capacity_tokens",
                               f"{self.kv_capacity_tokens} tokens of KV do not fit in the {left / 1e9:.2f} GB that "
                               f"gpu_memory_utilization {self.gpu_memory_utilization:g} leaves on {hardware.name}",
                               f"kv_capacity_tokens <= {most}, or 0 (size from memory)")
@@ -430,7 +430,7 @@ class StaticEngine(EngineConfig):
         if capacity < self.max_model_len:  # one request of max_model_len must fit, as in vLLM
             need = least_utilization(budget, self.max_model_len)
             alt = f", or gpu_memory_utilization >= {math.ceil(need * 1000) / 1000:g}" if need <= 1 else ""
-            raise ConfigError(f"engines.{self.name}.max_model_len",
+            raise DoesNotFit(f"engines.{self.name}.max_model_len",
                               f"one request of max_model_len = {self.max_model_len} tokens does not fit the "
                               f"{capacity}-token KV cache on {hardware.name}",
                               f"max_model_len <= {capacity}{alt}")
@@ -537,7 +537,7 @@ class _PagedEngine(EngineConfig):
         left = self._kv_budget_bytes(model, budget, hardware, tp, self.gpu_memory_utilization, mml)
         most = largest_paged_context(left, budget.kv_bytes_per_token, bs)
         if self.num_blocks and (self.num_blocks - 1) * bs > most:
-            raise ConfigError(field + "num_blocks", f"{self.num_blocks} blocks ({self.num_blocks - 1} usable) of "
+            raise DoesNotFit(field + "num_blocks", f"{self.num_blocks} blocks ({self.num_blocks - 1} usable) of "
                               f"{bs} tokens do not fit in the {left / 1e9:.2f} GB that gpu_memory_utilization "
                               f"{self.gpu_memory_utilization:g} leaves for KV on {hardware.name}",
                               f"num_blocks <= {most // bs + 1}, or 0 (size from memory)")
@@ -545,7 +545,7 @@ class _PagedEngine(EngineConfig):
         if mml > fit:
             need = least_utilization(budget, need_blocks * bs)
             alt = f", or gpu_memory_utilization >= {math.ceil(need * 1000) / 1000:g}" if need <= 1 else ""
-            raise ConfigError(field + "max_model_len",
+            raise DoesNotFit(field + "max_model_len",
                               f"The model's max seq len ({mml}) is larger than the maximum number of tokens that can "
                               f"be stored in KV cache ({fit}): one request needs "
                               f"{need_blocks * bs * budget.kv_bytes_per_token / 1e9:.2f} GB of KV, the pool on "

@@ -59,7 +59,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, model_validator
 
 from reference.config import PRESETS
-from reference.errors import ConfigError
+from reference.errors import ConfigError, DoesNotFit
 from sim.core.hardware import HARDWARE
 from sim.lab.experiment import AnyEngine, Experiment, dumps_toml, parse_experiment
 from sim.lab.schema import ConfigModel, Int, Number, Str, finite
@@ -276,6 +276,8 @@ class Plan(ConfigModel):
                     cand = Candidate(name, variant, dict(zip(listed, values)), preset, tp, replicas, self)
                     try:
                         cand.experiment(self.load.min, replicas)
+                    except DoesNotFit:
+                        pass  # well-formed; the planner reports it as a candidate that does not fit
                     except ConfigError as e:
                         raise ConfigError(e.field, f"in candidate {cand.label}: {e.message}", e.allowed) from None
                     out.append(cand)

@@ -272,7 +272,8 @@ def plan_markdown(result: PlanResult) -> str:
              f"Target: {_fmt_load(plan.load.target, plan)} {plan.load.unit}; SLOs: {plan.slo.describe()}; "
              f"workload: {workload_text(plan)}.", "", markdown_table(rows, plan), "",
              "![cost per million output tokens vs load](cost_vs_load.png)", "", "Physics of each row:", ""]
-    lines += [f"{i}. {r.candidate.label}: {r.physics}" + (f" ({r.unfit})" if r.unfit else "")
+    lines += [f"{i}. {r.candidate.label}: " + (f"{r.physics} ({r.unfit})" if r.physics and r.unfit
+                                                 else r.physics or r.unfit)
               for i, r in enumerate(result.results, 1)]
     lines += ["", "Prices (USD per GPU-hour): " + "; ".join(
         f"{preset} {_money(usd)} ({'given' if src == 'given' else 'default'})"

@@ -41,7 +41,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reference.errors import ConfigError
+from reference.errors import ConfigError, DoesNotFit
 from sim.lab.executors import Executor, make_executor
 from sim.lab.plan_config import Candidate, Plan, PlanSLO
 from sim.lab.plan_physics import physics_note
@@ -278,19 +278,18 @@ def run_plan(plan: Plan, out_dir: str | Path | None = None, *, executor: Executo
     cache = ProbeCache(Path(out_dir) / CACHE_FILE if out_dir is not None else None, resume)
     results, searches, asks = [], {}, {}
     for i, cand in enumerate(plan.candidates()):
-        exp = cand.experiment(plan.load.min, cand.replicas)
         usd, source = price_per_gpu_hour(cand.preset, plan.prices)
-        result = CandidateResult(cand, physics_note(exp), usd, source)
-        results.append(result)
         try:
-            memory = exp.plan(exp.engines[0])
-        except ConfigError as e:
-            result.unfit = f"does not fit: {e}"
+            exp = cand.experiment(plan.load.min, cand.replicas)
+        except DoesNotFit as e:  # the real engine would refuse to start (weights, activations or KV too big)
+            result = CandidateResult(cand, "", usd, source, unfit=f"does not fit: {e}")
         else:
+            result = CandidateResult(cand, physics_note(exp), usd, source)
             try:
-                exp.cost_model_for(exp.engines[0], memory)
+                exp.cost_model_for(exp.engines[0], exp.plan(exp.engines[0]))
             except ConfigError as e:  # e.g. a runtime law on a device without the card details it needs
                 result.unfit = f"cannot be priced: {e}"
+        results.append(result)
         if result.unfit:
             if progress:
                 echo(f"  {cand.label}: {result.unfit}")
