@@ -181,9 +181,11 @@ def test_common_prefix():
 
 
 @settings(max_examples=60, deadline=None)
-@given(specs=workloads, when=arrivals)
-def test_vllm_v1_decides_as_continuous_when_the_pool_is_ample(specs, when):
-    """With blocks for every request at once, the full-sequence gate never binds: identical steps."""
+@given(lengths=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=10), when=arrivals)
+def test_vllm_v1_decides_as_continuous_when_the_pool_is_ample_and_no_prompt_repeats(lengths, when):
+    """With blocks for every request at once the full-sequence gate never binds, and with prompts that share no
+    block the caching time does not matter: identical steps."""
+    specs = [([100 + i] + [1] * (p - 1), m) for i, (p, m) in enumerate(lengths)]
     steps = {}
     for name, cls in (("continuous", ContinuousScheduler), ("vllm", VllmV1Scheduler)):
         sched = cls(num_blocks=200, block_size=4, max_num_batched_tokens=9, max_num_seqs=4, max_model_len=52)
@@ -191,6 +193,24 @@ def test_vllm_v1_decides_as_continuous_when_the_pool_is_ample(specs, when):
         steps[name] = [[(c.request.request_id, c.start, c.num_tokens, tuple(c.block_table)) for c in o.chunks]
                        for o in out]
     assert steps["continuous"] == steps["vllm"]
+
+
+def test_vllm_v1_caches_an_admission_s_blocks_for_the_next_admission_of_the_same_step():
+    prompt = [7] * 12 + [1]
+    for cls, hit in ((ContinuousScheduler, 0), (VllmV1Scheduler, 12)):
+        sched = cls(num_blocks=20, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, max_model_len=40)
+        a = Request("a", list(prompt), SamplingParams(max_tokens=2))
+        b = Request("b", prompt[:12] + [2], SamplingParams(max_tokens=2))
+        sched.add(a, 0)
+        sched.add(b, 0)
+        out = sched.schedule(0)
+        assert [(c.request.request_id, c.start) for c in out.chunks] == [("a", 0), ("b", hit)]
+        assert b.num_cached_prompt_tokens == hit
+        sched.update(out, check_and_sample(sched, out), 1)
+        while sched.has_unfinished():
+            out = sched.schedule(1)
+            sched.update(out, check_and_sample(sched, out), 2)
+        assert sched.blocks.num_free_blocks == sched.blocks.num_usable_blocks
 
 
 def test_vllm_v1_admits_only_a_request_whose_whole_prompt_fits():

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from reference.batch import StepShape
+from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
 from sim.core.calibrated import CalibratedCostModel, ServerShapes, read_profile, shape_from_profile_row
 from sim.lab.experiment import load_experiment
@@ -160,3 +161,36 @@ def test_validate_against_a_fake_server(tmp_path):
         assert (tmp_path / "v" / name).exists()
     assert (tmp_path / "v" / "fake_closed" / "bench" / "server_metrics.csv").exists()
     _ = DECODE_S, PER_SEQ_S, PER_TOKEN_S  # the law's constants, for readers of the fake server
+    # --sim-only, the server gone: the same measurements judged again give the same errors (same seed, same law)
+    again = run_url_validate([cfg], "http://127.0.0.1:9/v1", tmp_path / "v", tmp_path / "p.csv",
+                             echo=lambda *_: None, bench=False)
+    pd.testing.assert_frame_equal(again, errors)
+    reseeded = tmp_path / "reseeded" / "fake_closed.toml"  # the same name, other seeds: not what was measured
+    reseeded.parent.mkdir()
+    reseeded.write_text(EXP.replace("seed = 3", "seed = 4"))
+    with pytest.raises(ConfigError, match="not the measured ones"):
+        run_url_validate([reseeded], "http://127.0.0.1:9/v1", tmp_path / "v", tmp_path / "p.csv",
+                         echo=lambda *_: None, bench=False)
+    with pytest.raises(ConfigError, match="no measured cells"):
+        run_url_validate([cfg], "http://127.0.0.1:9/v1", tmp_path / "empty", tmp_path / "p.csv",
+                         echo=lambda *_: None, bench=False)
+
+
+def test_server_checks_put_the_servers_figures_beside_the_simulated_ones(tmp_path):
+    import json
+
+    from sim.lab.url_validate import server_checks
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "summary.json").write_text(json.dumps([{
+        "cell": "llamacpp@c=4", "engine": "llamacpp", "concurrency": 4, "request_rate": None,
+        "server_llamacpp:n_decode_total": 200.0, "server_llamacpp:busy_slots_per_decode": 3.5,
+        "server_llamacpp:requests_deferred_mean": 0.0}]))
+    checks = server_checks(bench, {"llamacpp@c=4": {"steps": 210, "busy_per_step": 3.5, "waiting_mean": 0.0}},
+                           "llama.cpp")
+    got = checks.set_index("check")
+    assert got.loc["llama_decode calls (steps)", "diff_pct"] == pytest.approx(5.0)
+    assert got.loc["busy slots per decode", "diff_pct"] == 0.0
+    assert got.loc["deferred requests, time mean", "diff_pct"] == 0.0  # both zero
+    assert "busy slots, time mean" not in got.index  # the server did not report it: no row

@@ -3,6 +3,9 @@
 # held-out cells twice, each time on a freshly started server, into experiments/results/peers/ENGINE.
 #
 #   run_validation.sh ENGINE [RUNS]        ENGINE: vllm | llamacpp_np4 | llamacpp_np1   (RUNS: 2)
+#   PEER_CONFIG_SET=prefix run_validation.sh ENGINE [RUNS]
+#                                          the shared-prefix cells (ENGINE_prefix.toml) into run<k>-prefix,
+#                                          with the profile already there
 #
 # Per run k: start the server (boost.sh: its own scheduling group at nice $PEER_NICE; llama-server
 # pinned to core 0, where vLLM pins its worker itself), wait until ready, [run 1: servesim profile
@@ -24,6 +27,7 @@ LOGS=${PEER_LOGS:-/work/peers/logs}
 PY=${PEER_PYTHON:-/work/venv/bin/python}
 OUT=${PEER_RESULTS:-$REPO/experiments/results/peers}/$ENGINE
 GRID=${PEER_GRID:-default}
+SET=${PEER_CONFIG_SET:-main}
 mkdir -p "$OUT" "$LOGS"
 
 case "$ENGINE" in
@@ -55,26 +59,33 @@ stop() {
 }
 trap stop EXIT
 
+SUFFIX=
+if [ "$SET" = prefix ]; then
+  CONFIGS=("${ENGINE}_prefix"); SUFFIX=-prefix
+  [ -f "$OUT/profile.csv" ] || { echo "PEER_CONFIG_SET=prefix needs $OUT/profile.csv (run the main set first)" >&2; exit 2; }
+elif [ "$SET" != main ]; then
+  echo "unknown PEER_CONFIG_SET=$SET (main | prefix)" >&2; exit 2
+fi
 cfgs=(); for c in "${CONFIGS[@]}"; do cfgs+=("$HERE/$c.toml"); done
 for run in $(seq 1 "$RUNS"); do
-  echo "== $ENGINE run $run: starting the server (load $(load))"
+  echo "== $ENGINE run $run$SUFFIX: starting the server (load $(load))"
   t0=$SECONDS; before=$(load)
   start > "$LOGS/$ENGINE-run$run.log" 2>&1 &
   sleep 1
   wait_ready
-  printf '%s\t%s\t%s\t%s\t%s\n' "$run" "server start to ready" "$((SECONDS - t0))" "$before" "$(load)" >> "$OUT/setup.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$run$SUFFIX" "server start to ready" "$((SECONDS - t0))" "$before" "$(load)" >> "$OUT/setup.tsv"
   if [ ! -f "$OUT/profile.csv" ]; then
     phase "$run" "servesim profile --url ($GRID grid)" \
       servesim profile --url "http://127.0.0.1:$PORT/v1" --model small-100m --grid "$GRID" --out "$OUT/profile.csv"
   fi
   capacity=()
-  if [ "$run" -gt 1 ] && [ -f "$OUT/run1/cells.json" ]; then
+  if [ "$SET" = main ] && [ "$run" -gt 1 ] && [ -f "$OUT/run1/cells.json" ]; then
     capacity=(--capacity "$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['capacity_req_s'])" "$OUT/run1/cells.json")")
   fi
-  rm -rf "$OUT/run$run"
-  phase "$run" "servesim validate --url (${#cfgs[@]} configs)" \
+  rm -rf "$OUT/run$run$SUFFIX"
+  phase "$run$SUFFIX" "servesim validate --url (${CONFIGS[*]})" \
     servesim validate "${cfgs[@]}" --url "http://127.0.0.1:$PORT/v1" --profile "$OUT/profile.csv" \
-      --out "$OUT/run$run" --capacity-fractions "${capacity[@]}"
+      --out "$OUT/run$run$SUFFIX" --capacity-fractions "${capacity[@]}"
   stop
 done
 echo "results: $OUT"

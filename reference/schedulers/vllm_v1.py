@@ -2,13 +2,21 @@
 
 ContinuousScheduler is the V1 policy (running first within the token budget, preempt the
 newest, then admit waiting FCFS, prefix caching with hits capped at num_tokens - 1:
-KVCacheManager.get_computed_blocks max_cache_hit_length). This subclass adds the one admission
-rule of vLLM 0.32 that it lacks:
+KVCacheManager.get_computed_blocks max_cache_hit_length). This subclass adds two rules of vLLM
+0.32 that it lacks:
 
 - scheduler_reserve_full_isl (SchedulerConfig, default True): a waiting request is admitted
   only if the pool's free blocks can hold its whole sequence (num_tokens, less its prefix-cache
   hits), not just its first chunk (KVCacheManager.allocate_slots(full_sequence_must_fit=True)),
   so chunked prefill does not over-admit and thrash the cache.
+- Blocks are cached when they are allocated, not after the step: allocate_slots ends with
+  coordinator.cache_blocks(request, num_computed + num_new), so a request admitted later in
+  the same step hits the full blocks an earlier admission of that step is about to compute (the
+  step writes every chunk's K/V before its attention reads them). ContinuousScheduler caches
+  after the step (BlockManager.cache_full_blocks from update), so two requests with one prefix
+  admitted together both computed it. Here an admission caches its blocks at once; a running
+  request's next chunk is still cached after its step (vLLM caches it at scheduling too: a
+  same-step hit on a prompt chunked over several steps is not modelled).
 
 Checked against the source and equal to ContinuousScheduler: the running loop's num_new_tokens
 (min of what is left, the token budget; max_model_len - num_computed - 1 also caps it, which a
@@ -33,7 +41,10 @@ class VllmV1Scheduler(ContinuousScheduler):
         whole = bm.blocks_needed(min(req.num_tokens, self.max_model_len)) - len(hits)
         if whole + revived > bm.num_free_blocks:
             return False
-        return super()._allocate_admitted(req, num_computed, num_new, hits)
+        if not super()._allocate_admitted(req, num_computed, num_new, hits):
+            return False
+        bm.cache_full_blocks(req.request_id, num_computed + num_new, req.token_ids)  # at allocation, as vLLM
+        return True
 
     def describe(self) -> str:
         """Pool, block size, prefix caching, the admission gate."""

@@ -345,7 +345,10 @@ class CalibratedCostModel(CostModel):
         used = norms > 0
         coef = np.zeros(len(FEATURES))
         coef[used] = nnls(aw[:, used] / norms[used], np.ones(len(t))) / norms[used]
-        table = _decode_table(shapes, a, t, coef) if isinstance(profiled, ServerShapes) else {}
+        table = {}
+        if isinstance(profiled, ServerShapes):
+            table = _decode_table(shapes, a, t, coef)
+            _refit_with_decode_kv(shapes, a, t, coef)
         pred = a @ coef
         if table:
             fitted = cls(dict(zip(FEATURES, map(float, coef))), padding=profiled, decode_table_s=table)
@@ -442,6 +445,30 @@ def _decode_table(shapes: list[StepShape], a: np.ndarray, t: np.ndarray,
         b = shapes[i].decode_seqs
         points.setdefault(b, {}).setdefault(float(a[i, 2]) / b, []).append(float(t[i]))
     return {b: tuple((xk, float(np.mean(v))) for xk, v in sorted(pts.items())) for b, pts in sorted(points.items())}
+
+
+def _refit_with_decode_kv(shapes: list[StepShape], a: np.ndarray, t: np.ndarray, coef: np.ndarray) -> None:
+    """A server's steps with a prompt: their decodes' K/V cost as in decode-only steps (coef[6] = coef[2]), the
+    other terms of that law refitted (in place).
+
+    A profile's mixed rows have decoders of a few dozen tokens of context, which cannot tell the
+    decode part's K/V cost from the rest: fitted freely it came out 14x the decode-only slope
+    (vLLM, 26 vs 1.9 us per token) and priced a mixed step of 13 decodes at ~200 tokens of context
+    60% above the measured gaps. The attention a decode does is the same with or without a prompt
+    beside it.
+    """
+    rows = [i for i, s in enumerate(shapes) if s.prefill_seqs]
+    if not rows:
+        return
+    coef[6] = coef[2]
+    free = [3, 4, 5, 7]  # step, tokens, rows, prefill_kv
+    tt = t[rows] - coef[6] * a[rows, 6]
+    m = a[np.ix_(rows, free)] / t[rows][:, None]
+    norms = np.linalg.norm(m, axis=0)
+    used = norms > 0
+    x = np.zeros(len(free))
+    x[used] = nnls(m[:, used] / norms[used], tt / t[rows]) / norms[used]
+    coef[free] = x
 
 
 def read_profile(profile, field: str = "profile"):

@@ -293,8 +293,9 @@ class SequentialEngine(EngineConfig):
         return SlotLayout(self.num_parallel, self.num_ctx)
 
     def describe(self):
+        caches = ", llama-server's slot choice and prompt caches" if self.prompt_cache else ""
         return (f"llama.cpp slots behind Ollama's queue, num_parallel = {self.num_parallel}, num_ctx = {self.num_ctx} "
-                f"tokens per slot, queue of {self.max_queue}, {self._formats()}")
+                f"tokens per slot, queue of {self.max_queue}{caches}, {self._formats()}")
 
     def max_concurrent(self, mem, tokens_per_request):
         """How many slots of num_ctx fit beside the weights and activations (the num_parallel that would OOM)."""
@@ -474,7 +475,8 @@ class ContinuousEngine(_PagedEngine):
         return (f"continuous batching over a paged pool (block {self.block_size}, max_num_seqs {self.max_num_seqs}, "
                 f"{self.max_num_batched_tokens}-token step budget, chunked prefill {on[self.enable_chunked_prefill]}, "
                 f"prefix caching {on[self.enable_prefix_caching]}, gpu_memory_utilization "
-                f"{self.gpu_memory_utilization}), {self._formats()}")
+                f"{self.gpu_memory_utilization}{', whole-prompt admission' if self.reserve_full_prompt else ''}), "
+                f"{self._formats()}")
 
     def build_scheduler(self, plan):
         cls = VllmV1Scheduler if self.reserve_full_prompt else ContinuousScheduler

@@ -7,9 +7,10 @@ each timed on the client:
     prefill  one request at a time, max_tokens = 1: its TTFT is the time of one step computing
              its prompt (plus the server's fixed request overhead; see below)
     decode   B requests sent together with equal prompts and max_tokens: once all of them stream,
-             every inter-token gap is one decode step of batch B; the median over the window where
-             all B decode, pooled over `decode_passes` passes of the grid (run apart in time, so a
-             slow minute of a shared machine moves one pass only), is the row, at the mean context
+             every inter-token gap is one decode step of batch B; the gaps of the window where all
+             B decode, pooled over `decode_passes` passes of the grid (run apart in time, so a
+             slow minute of a shared machine moves one pass only), make the row, at their mean
+             context
     mixed    B requests decoding; one prompt injected at a time: the decoders' gap that ends with
              the injected request's first token is the step that computed that prompt together
              with B decodes
@@ -19,9 +20,10 @@ prefix or prompt cache of the server hits. A row's time (`mean_ms`, '# time_colu
 the mean of its samples less the lowest and highest 5%: the simulator must reproduce mean
 latencies, and on a shared machine a server's step times are skewed (llama-server at one client:
 mean token gap 3% above the median), while one stall of a second in ~100 samples would move a
-plain mean by 10%. The median is kept beside it (`median_ms`). The rows are written in the profile CSV format the
-simulator loads (sim.core.calibrated.read_profile), with metadata '# shapes: server
-context_pad=N': the law is priced on the step's real shape (sim.core.calibrated.ServerShapes).
+plain mean by 10%. The median is kept beside it (`median_ms`). The rows are written in the
+profile CSV format the simulator loads (sim.core.calibrated.read_profile), with metadata
+'# shapes: server context_pad=N': the law is priced on the step's real shape
+(sim.core.calibrated.ServerShapes), decode steps from the measured table.
 N = 1 by default, llama.cpp included: its K/V view is padded to 256 cells (src/llama-kv-cache.cpp
 get_n_kv), but its CPU flash-attention kernel skips the masked cells (ggml-cpu/ops.cpp,
 flash_attn_ext_f16_one_chunk: `if (mv == -INFINITY) continue;`), so the work follows the real

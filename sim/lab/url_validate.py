@@ -21,11 +21,13 @@ Request overhead o (the profile's '# request_overhead_ms'): the time between the
 server's scheduler (HTTP, IPC) that TTFTs show and step gaps do not. The simulated client sees
 each request's tokens o later (added to TTFT and E2E, not to ITL), and a closed-loop client sends
 its next request o later on average, so the server's clock runs as in the real loop. That delay
-is random (exponential, mean o, at least CLIENT_JITTER_S): real requests never reach the server
-at the same instant, so clients that start together drift apart (one request misses the step
-another starts), where a deterministic simulation kept them in lockstep forever, every cycle's
-prompts in one step (measured: vLLM at 2 to 8 clients, TTFT over-predicted by 9-16% in lockstep,
-within 1% with the jitter). A workload's own fixed think time is kept, o added to it.
+is random, exponential with mean o, since the path it measures varies: vLLM's clients that start
+together drift apart (one request misses the step another starts; measured TTFT at 2 to 8
+clients 9-16% below a lockstep simulation, within 1% with the jitter). Where o is 0 the delay is
+0: llama-server keeps its clients in lockstep (it launches every task queued before a step, and
+launching one, with the prompt caches' saves, takes long enough for the others to arrive: at 2
+and 4 clients every cycle's prompts share one step, measured TTFTs ~2x and ~4x one prompt's),
+and so does the simulation. A workload's own fixed think time is kept, o added to it.
 
 With capacity_fractions, an open-loop config's `rates` are fractions of the capacity measured in
 this run: the highest request throughput among the closed-loop cells run before it (or of a
@@ -58,7 +60,6 @@ METRICS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", 
 TARGETS = {"output_throughput": 10.0, "mean_e2el_ms": 10.0, "mean_tpot_ms": 10.0, "mean_ttft_ms": 15.0}
 CELL_SEED_STRIDE = 1_000  # cell i of an experiment draws its requests under seed + i x this
 OPEN_LOOP_WARMUP = 4  # a real server compiled nothing per shape: a few requests warm the client and the server
-CLIENT_JITTER_S = 0.001  # the least mean of the closed-loop clients' random delay (s), when o is ~0
 
 
 def cell_experiments(exp: Experiment) -> list[tuple[Cell, Experiment]]:
@@ -123,11 +124,11 @@ def simulate_cells(pairs: list[tuple[Cell, Experiment]], profile: Path, overhead
     for cell, exp in pairs:
         sexp = sim_experiment(exp, profile)
         w = sexp.workload
-        if w.is_closed_loop:
+        if w.is_closed_loop and overhead_s > 0:
             if w.think_time_s > 0:  # the workload's own think time, o on top (the same distribution)
                 think = {"think_time_s": w.think_time_s + overhead_s}
             else:
-                think = {"think_time_s": max(overhead_s, CLIENT_JITTER_S), "think_time_dist": "exponential"}
+                think = {"think_time_s": overhead_s, "think_time_dist": "exponential"}
             sexp = sexp.model_copy(update={"workload": w.model_copy(update=think)})
         engine = sexp.engine(cell.engine)
         cost = sexp.cost_model_for(engine)
@@ -190,6 +191,17 @@ def server_checks(bench_dir: Path, sim_facts: dict[str, dict], kind: str) -> pd.
     return pd.DataFrame(rows, columns=["cell", "check", "server", "simulated", "diff_pct"])
 
 
+def _check_recorded(name: str, sub: Path, recorded: list[dict] | None, cells: list[dict]) -> None:
+    """Judging again needs the measured cells of this very config: the same cells under the same seeds."""
+    if not (sub / "bench" / "summary.json").exists():
+        raise ConfigError("out", f"no measured cells of {name} in {sub / 'bench'} to judge again",
+                          "a folder an earlier `servesim validate --url` wrote")
+    if recorded is not None and recorded != cells:
+        raise ConfigError(f"{name}.workload", f"the config's cells {[(c['cell'], c['seed']) for c in cells]} are not "
+                          f"the measured ones {[(c['cell'], c['seed']) for c in recorded]} (cells.json)",
+                          "the config the cells were measured with (its bench/experiment.toml)")
+
+
 def profile_overhead_s(profile: str | Path) -> float:
     """The request overhead a black-box profile measured (s; 0 when it says none)."""
     _, meta = read_profile(profile)
@@ -225,6 +237,9 @@ def run_url_validate(configs, url: str, out_dir: str | Path, profile: str | Path
         info = discover(url)
     if profile is None:
         profile = out / "profile.csv"
+        if not profile.exists() and not bench:
+            raise ConfigError("profile", f"judging again needs the server's profile; none given and no {profile}",
+                              "the profile the cells were judged with")
         if not profile.exists():
             echo(f"profiling {url} -> {profile}")
             run_url_profile(url, profile, grid=grid, vocab_size=exps[0].model_spec.vocab_size,
@@ -251,9 +266,8 @@ def run_url_validate(configs, url: str, out_dir: str | Path, profile: str | Path
                                metrics_poll_s=metrics_poll_s, open_loop_warmup=OPEN_LOOP_WARMUP)
             (sub / "bench" / "experiment.toml").write_text(exp.to_toml())  # the whole config (cells: cells.json)
             drop_token_times(sub / "bench" / "requests.csv")
-        elif not (sub / "bench" / "summary.json").exists():
-            raise ConfigError("out", f"no measured cells of {exp.name} in {sub / 'bench'} to judge again",
-                              "a folder an earlier `servesim validate --url` wrote")
+        else:
+            _check_recorded(exp.name, sub, recorded.get("cells", {}).get(exp.name), cells_info[exp.name])
         facts = simulate_cells(pairs, profile, overhead, sub / "sim", echo=echo)
         errors = compare(sub / "bench", sub / "sim", METRICS)
         checks = server_checks(sub / "bench", facts, info.kind)

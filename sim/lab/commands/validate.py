@@ -30,15 +30,15 @@ from sim.lab.validate import run_validate
               "capacity measured by the closed-loop configs before them (their highest request throughput).")
 @click.option("--capacity", type=click.FloatRange(min=0, min_open=True), default=None,
               help="With --capacity-fractions: the capacity (req/s) instead of measuring it, e.g. a first run's.")
-@click.option("--sim-only", is_flag=True, help="With --url: judge the cells already measured in --out again "
-              "(simulate and compare only; the server need not run).")
+@click.option("--sim-only", is_flag=True, help="Judge the cells a `validate --url` measured into --out again with "
+              "the current simulator (simulate and compare only; no server, --url optional).")
 def command(configs: tuple[Path, ...], out_dir: Path, profile: Path | None, grid: str, clock: str, url: str | None,
             capacity_fractions: bool, capacity: float | None, sim_only: bool) -> None:
     """Run CONFIG on a real engine (the reference engine here, or a server with --url) and on the simulator; compare."""
-    if url:
+    if url or sim_only:
         if grid not in URL_GRIDS:
             raise click.UsageError(f"--grid {grid} is not a --url grid; choose {', '.join(URL_GRIDS)}")
-        run_url_validate(list(configs), url, out_dir, profile, grid=grid, capacity_fractions=capacity_fractions,
+        run_url_validate(list(configs), url or "", out_dir, profile, grid=grid, capacity_fractions=capacity_fractions,
                          capacity=capacity, echo=click.echo, bench=not sim_only)
     else:
         if grid not in GRIDS:
