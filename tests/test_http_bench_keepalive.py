@@ -17,7 +17,7 @@ import aiohttp
 
 from reference.request import Outcome
 from sim.lab.experiment import load_experiment
-from sim.lab.http_bench import _Client, client_session, run_http_bench
+from sim.lab.http_bench import StreamingClient, client_session, run_http_bench
 from sim.lab.workload import RequestSpec
 
 EXPERIMENT = """
@@ -119,7 +119,7 @@ def _http(status: int, ctype: str, payload: bytes) -> bytes:
 def _send_sequentially(url: str, session_factory, n: int = 5) -> list:
     async def go():
         async with session_factory() as session:
-            client = _Client(session, url + "/v1", "m", time.perf_counter(), 10.0)
+            client = StreamingClient(session, url + "/v1", "m", time.perf_counter(), 10.0)
             return [await client.send(RequestSpec(f"r{i}", i, 4, 3)) for i in range(n)]
 
     return asyncio.run(go())

@@ -80,6 +80,8 @@ from reference.errors import ConfigError, DoesNotFit
 from reference.layout import Layout, PagedLayout, SlotLayout
 from reference.schedulers import (ContinuousScheduler, OrcaScheduler, Scheduler, SequentialScheduler,
                                   StaticScheduler)
+from reference.schedulers.llamacpp import LlamaServerScheduler
+from reference.schedulers.vllm_v1 import VllmV1Scheduler
 from sim.core.calibrated import CalibratedCostModel
 from sim.core.costmodel import CostModel, StepPhysics
 from sim.core.formats import KV_DTYPES, WEIGHT_FORMATS
@@ -290,6 +292,10 @@ class SequentialEngine(EngineConfig):
     slots), OLLAMA_MAX_QUEUE=512 (then HTTP 503), num_ctx 4096 per slot (Ollama allocates
     num_ctx x num_parallel at load; capped by the model's context when not given), prompt
     processing in chunks of n_batch=2048 / n_ubatch=512 tokens, Q4_K_M weights.
+
+    prompt_cache = true models llama-server itself (reference.schedulers.llamacpp: slot choice by
+    prompt similarity, per-slot and RAM prompt caches of cache_ram_mib, batches in slot order);
+    the default false keeps SequentialScheduler.
     """
 
     scheduler: Literal["sequential"] = "sequential"
@@ -300,6 +306,8 @@ class SequentialEngine(EngineConfig):
     num_ctx: PositiveInt | None = None  # tokens per slot; None = min(4096, model context), resolved by Experiment
     n_batch: PositiveInt = 2048
     n_ubatch: PositiveInt = 512
+    prompt_cache: Bool = False
+    cache_ram_mib: Annotated[Int, Field(ge=0)] = 8192  # llama-server --cache-ram (with prompt_cache; 0 = none)
 
     CONTEXT_KEY: ClassVar[str] = "num_ctx"
     ACTIVATION_KEY: ClassVar[str] = "n_ubatch"
@@ -361,8 +369,9 @@ class SequentialEngine(EngineConfig):
         return SlotLayout(self.num_parallel, self.num_ctx)
 
     def describe(self):
+        caches = ", llama-server's slot choice and prompt caches" if self.prompt_cache else ""
         return (f"llama.cpp slots behind Ollama's queue, num_parallel = {self.num_parallel}, num_ctx = {self.num_ctx} "
-                f"tokens per slot, queue of {self.max_queue}, {self._formats()}")
+                f"tokens per slot, queue of {self.max_queue}{caches}, {self._formats()}")
 
     def max_concurrent(self, mem, tokens_per_request):
         """How many slots of num_ctx fit beside the weights and activations (the num_parallel that would OOM)."""
@@ -370,6 +379,10 @@ class SequentialEngine(EngineConfig):
         return int(free // (self.num_ctx * mem["kv_bytes_per_token"]))
 
     def build_scheduler(self, plan):
+        if self.prompt_cache:
+            ram_tokens = (self.cache_ram_mib << 20) // max(1, plan.kv_bytes_per_token)
+            return LlamaServerScheduler(self.num_parallel, self.num_ctx, self.max_queue, self.n_batch,
+                                        ram_cache_tokens=ram_tokens)
         return SequentialScheduler(self.num_parallel, self.num_ctx, self.max_queue, self.n_batch)
 
 
@@ -575,23 +588,27 @@ class ContinuousEngine(_PagedEngine):
     GPUs it defaults to 8192 tokens and 1024 seqs, so set those for H100 experiments), chunked
     prefill and prefix caching on, gpu_memory_utilization 0.9, max_model_len = the model's
     context, no queue limit. num_blocks > 0 sets the KV pool size explicitly (reference
-    engine); 0 sizes it from memory.
+    engine); 0 sizes it from memory. reserve_full_prompt = true admits a request only when the
+    free blocks hold its whole sequence (vLLM 0.32's scheduler_reserve_full_isl, its default:
+    reference.schedulers.vllm_v1); the default false keeps ContinuousScheduler.
     """
 
     scheduler: Literal["continuous"] = "continuous"
     enable_prefix_caching: Bool = True
+    reserve_full_prompt: Bool = False
 
     def describe(self):
         on = {True: "on", False: "off"}
         return (f"continuous batching over a paged pool (block {self.block_size}, max_num_seqs {self.max_num_seqs}, "
                 f"{self.max_num_batched_tokens}-token step budget, chunked prefill {on[self.enable_chunked_prefill]}, "
                 f"prefix caching {on[self.enable_prefix_caching]}, gpu_memory_utilization "
-                f"{self.gpu_memory_utilization}), {self._formats()}")
+                f"{self.gpu_memory_utilization}{', whole-prompt admission' if self.reserve_full_prompt else ''}), "
+                f"{self._formats()}")
 
     def build_scheduler(self, plan):
-        return ContinuousScheduler(plan.num_blocks, self.block_size, self.max_num_seqs, self.max_num_batched_tokens,
-                                   self.max_model_len, self.enable_chunked_prefill, self.enable_prefix_caching,
-                                   max_queue=self.max_queue)
+        cls = VllmV1Scheduler if self.reserve_full_prompt else ContinuousScheduler
+        return cls(plan.num_blocks, self.block_size, self.max_num_seqs, self.max_num_batched_tokens,
+                   self.max_model_len, self.enable_chunked_prefill, self.enable_prefix_caching, max_queue=self.max_queue)
 
 
 class OrcaEngine(_PagedEngine):

@@ -12,6 +12,14 @@ Outcomes: HTTP 503 and 400 are `refused` (the reason keeps the server's message)
 timeout (workload.timeout_s) is `timed_out`, a broken connection or a stream error is
 `aborted`. Tokens are counted from the chunks' token_ids (return_token_ids, a vLLM
 extension servesim supports), else one per non-empty text chunk.
+
+The warm-up sends other prompts than the measured run (the workload under another seed): both
+real servers cache prompts (vLLM's prefix cache, llama-server's per-slot and RAM prompt caches),
+so a warm-up that repeated a client's first prompt made that request's measured TTFT a cache hit
+that no simulation of the workload would predict. With `metrics_poll_s` > 0 the server's
+Prometheus /metrics are sampled during each measured cell (sim.lab.server_metrics) and kept
+beside the results (server_metrics.csv; the cell's counter deltas and gauge means go into its
+summary as `server_*` fields).
 """
 from __future__ import annotations
 
@@ -26,10 +34,12 @@ import pandas as pd
 from reference.request import Outcome, Request, SamplingParams
 from sim.lab.experiment import Cell, Experiment
 from sim.lab.metrics import ResultsWriter
+from sim.lab.server_metrics import MetricsPoller, cell_metrics
 from sim.lab.workload import ClosedLoopWorkload, RequestSpec
 
 WARMUP_REQUESTS_PER_CLIENT = 1  # as sim.lab.bench
 WARMUP_OPEN_LOOP_REQUESTS = 32
+WARMUP_SEED_OFFSET = 7_919  # the warm-up's workload seed = experiment seed + this: other prompts, same shape
 
 
 def normalize_base_url(url: str) -> str:
@@ -38,21 +48,34 @@ def normalize_base_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-class _Client:
-    """One aiohttp session; send() turns a RequestSpec into a finished Request record."""
+class StreamingClient:
+    """Streaming /v1/completions over one aiohttp session; times are seconds since t0 (perf_counter).
+
+    send(spec) turns a RequestSpec into a finished Request record. request(spec) + run(req) do
+    the same in two parts, so a caller can watch a request's token_times while it streams
+    (sim.lab.url_profile injects prompts while others decode).
+    """
 
     def __init__(self, session, base_url: str, model: str, t0: float, timeout_s: float):
         self.session, self.url, self.model = session, base_url + "/completions", model
         self.t0, self.timeout_s = t0, timeout_s
 
     def now(self) -> float:
+        """Seconds since t0."""
         return time.perf_counter() - self.t0
 
-    async def send(self, spec: RequestSpec) -> Request:
+    def request(self, spec: RequestSpec) -> Request:
+        """The Request record of spec, arriving now (not sent yet)."""
+        return Request(spec.request_id, spec.prompt_token_ids, SamplingParams(max_tokens=int(spec.max_tokens)),
+                       arrival_time=self.now())
 
-        req = Request(spec.request_id, spec.prompt_token_ids, SamplingParams(max_tokens=int(spec.max_tokens)),
-                      arrival_time=self.now())
-        body = {"model": self.model, "prompt": req.prompt_token_ids, "max_tokens": int(spec.max_tokens),
+    async def send(self, spec: RequestSpec) -> Request:
+        """Send spec and read its stream to the end; the finished Request (never raises for server errors)."""
+        return await self.run(self.request(spec))
+
+    async def run(self, req: Request) -> Request:
+        """Send req (its prompt and max_tokens) and read its stream to the end, recording each token's time."""
+        body = {"model": self.model, "prompt": req.prompt_token_ids, "max_tokens": req.sampling.max_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True,
                 "stream_options": {"include_usage": True}}
         try:
@@ -67,6 +90,9 @@ class _Client:
             req.finish(Outcome.TIMED_OUT, self.now(), f"client timeout after {self.timeout_s} s")
         except (aiohttp.ClientError, OSError, ValueError) as e:
             req.finish(Outcome.ABORTED, self.now(), f"connection error: {e!r}")
+        except asyncio.CancelledError:  # the caller gave up on it (the connection closes: the server aborts it)
+            req.finish(Outcome.ABORTED, self.now(), "cancelled by the client")
+            raise
         return req
 
     async def _read_stream(self, resp, req: Request) -> None:
@@ -101,7 +127,7 @@ def _message(text_or_body) -> str:
     return str(err.get("message", err) if isinstance(err, dict) else err)[:200]
 
 
-async def _closed_loop(wl: ClosedLoopWorkload, client: _Client, on_finish, limit: int | None) -> None:
+async def _closed_loop(wl: ClosedLoopWorkload, client: StreamingClient, on_finish, limit: int | None) -> None:
     async def one(c: int) -> None:
         sent = 0
         while (limit is None or sent < limit) and (spec := wl.next_for_client(c)) is not None:
@@ -114,7 +140,7 @@ async def _closed_loop(wl: ClosedLoopWorkload, client: _Client, on_finish, limit
     await asyncio.gather(*(one(c) for c in range(wl.num_clients)))
 
 
-async def _open_loop(wl, client: _Client, on_finish, limit: int | None) -> None:
+async def _open_loop(wl, client: StreamingClient, on_finish, limit: int | None) -> None:
     cap = asyncio.Semaphore(wl.max_concurrency) if wl.max_concurrency else None
     tasks = []
 
@@ -151,21 +177,33 @@ def client_session():
                                  timeout=aiohttp.ClientTimeout(total=None))
 
 
-async def _run_cell(exp: Experiment, cell: Cell, base_url: str, model: str, on_finish, warm: bool) -> float:
-    """Run one cell (warm: only the first request per client, or the first open-loop ones).
+async def _run_cell(exp: Experiment, cell: Cell, base_url: str, model: str, on_finish, warm: bool,
+                    poller: MetricsPoller | None = None, open_loop_warmup: int = WARMUP_OPEN_LOOP_REQUESTS) -> float:
+    """Run one cell (warm: only the first request per client, or the first open-loop ones, on other prompts).
 
-    on_finish(request, client_id) sees every request that ends, completed or not.
+    on_finish(request, client_id) sees every request that ends, completed or not. poller, if
+    given, samples the server's /metrics while the cell runs (once before and once after included).
 
     Returns the wall time (s).
     """
+    seed = exp.seed + WARMUP_SEED_OFFSET if warm else exp.seed
     async with client_session() as session:
-        wl = exp.workload.build(exp.seed, exp.model_spec.vocab_size, cell.load)
-        client = _Client(session, base_url, model, time.perf_counter(), wl.timeout_s)
-        if isinstance(wl, ClosedLoopWorkload):
-            await _closed_loop(wl, client, on_finish, WARMUP_REQUESTS_PER_CLIENT if warm else None)
-        else:
-            await _open_loop(wl, client, on_finish, WARMUP_OPEN_LOOP_REQUESTS if warm else None)
-        return client.now()
+        wl = exp.workload.build(seed, exp.model_spec.vocab_size, cell.load)
+        client = StreamingClient(session, base_url, model, time.perf_counter(), wl.timeout_s)
+        polling = asyncio.create_task(poller.run(client.now)) if poller is not None else None
+        if polling is not None:
+            await poller.started.wait()  # the "before" sample precedes the first request
+        try:
+            if isinstance(wl, ClosedLoopWorkload):
+                await _closed_loop(wl, client, on_finish, WARMUP_REQUESTS_PER_CLIENT if warm else None)
+            else:
+                await _open_loop(wl, client, on_finish, open_loop_warmup if warm else None)
+            wall = client.now()
+        finally:
+            if polling is not None:
+                poller.stop()
+                await polling
+        return wall
 
 
 async def _get_json(base_url: str, path: str) -> dict:
@@ -174,35 +212,33 @@ async def _get_json(base_url: str, path: str) -> dict:
         return await r.json()
 
 
-async def _scrape(base_url: str, name: str) -> float | None:
-    """The sum of a metric's samples in the server's /metrics (None if unavailable)."""
-
-    root = base_url[: -len("/v1")]
-    try:
-        async with aiohttp.ClientSession() as s, s.get(root + "/metrics") as r:
-            text = await r.text()
-    except aiohttp.ClientError:
-        return None
-    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")]
-    return sum(vals) if vals else None
+def server_model(base_url: str) -> dict:
+    """The first entry of the server's /v1/models (its id, and whatever else the server says about it)."""
+    models = asyncio.run(_get_json(normalize_base_url(base_url), "/models")).get("data") or []
+    if not models:
+        raise RuntimeError(f"{base_url}/models lists no model")
+    return models[0]
 
 
 def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resume: bool = True,
-                   warmup: bool = True, engine: str | None = None, echo=print) -> pd.DataFrame:
+                   warmup: bool = True, engine: str | None = None, echo=print,
+                   metrics_poll_s: float = 0.25, open_loop_warmup: int = WARMUP_OPEN_LOOP_REQUESTS) -> pd.DataFrame:
     """Drive the server at base_url with every load of exp's workload; returns the summary of all cells.
 
     base_url: the OpenAI base URL (".../v1" is added when missing). engine: the cell label
     (default: the engine the server reports). Results go to out_dir like `servesim bench`.
+    metrics_poll_s: sample the server's /metrics this often during each cell (0: not at all);
+    samples go to out_dir/server_metrics.csv, per-cell aggregates into the summary.
+    open_loop_warmup: requests of an open-loop cell's warm-up (at the cell's rate).
     """
     base_url = normalize_base_url(base_url)
-    models = asyncio.run(_get_json(base_url, "/models"))["data"]
-    if not models:
-        raise RuntimeError(f"{base_url}/models lists no model")
-    model = models[0]["id"]
-    label = engine or models[0].get("servesim_engine") or "http"
+    info = server_model(base_url)
+    model = info["id"]
+    label = engine or info.get("servesim_engine") or "http"
     out = Path(out_dir)
     writer = ResultsWriter(out, resume=resume)
+    if not resume:
+        (out / "server_metrics.csv").unlink(missing_ok=True)
     (out / "experiment.toml").write_text(exp.to_toml())
     w = exp.workload
     cells = [Cell(label, **w.cell_fields(load)) for load in w.loads]
@@ -214,15 +250,19 @@ def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resum
         if warmup:
             warm_failed: list[Request] = []
             asyncio.run(_run_cell(exp, cell, base_url, model, lambda r, c: r.outcome != Outcome.COMPLETED
-                                  and warm_failed.append(r), warm=True))
+                                  and warm_failed.append(r), warm=True, open_loop_warmup=open_loop_warmup))
             if warm_failed:  # unrecorded, but never hidden
                 echo(f"  {cell.label}: {len(warm_failed)} warm-up request(s) failed, e.g. "
                      f"{warm_failed[0].outcome.value}: {warm_failed[0].reason}")
-        pre = asyncio.run(_scrape(base_url, "vllm:num_preemptions_total"))
-        wall = asyncio.run(_run_cell(exp, cell, base_url, model, acc.add, warm=False))
-        post = asyncio.run(_scrape(base_url, "vllm:num_preemptions_total"))
-        extra = dict(driver="http", url=base_url, model=model, wall_s=wall,
-                     preemptions=None if pre is None or post is None else int(post - pre))
+        poller = MetricsPoller(base_url, metrics_poll_s) if metrics_poll_s > 0 else None
+        wall = asyncio.run(_run_cell(exp, cell, base_url, model, acc.add, warm=False, poller=poller))
+        extra = dict(driver="http", url=base_url, model=model, wall_s=wall, preemptions=None)
+        if poller is not None and poller.samples:
+            server = cell_metrics(poller.samples)
+            extra.update({f"server_{k}": v for k, v in server.items()})
+            if "vllm:num_preemptions_total" in server:
+                extra["preemptions"] = int(server["vllm:num_preemptions_total"])
+            poller.write(out / "server_metrics.csv", cell.label)
         s = writer.finish_cell(acc, slo=exp.slo, extra=extra)
         failed = ", ".join(f"{s[k]} {k}" for k in ("refused", "timed_out", "aborted", "unfinished") if s.get(k))
         echo(f"  {cell.label}: {len(acc)} requests in {wall:.1f} s"

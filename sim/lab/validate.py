@@ -79,15 +79,16 @@ def compare(bench_dir: str | Path, sim_dir: str | Path, metrics=METRICS) -> pd.D
     return pd.DataFrame(rows, columns=["cell", "metric", "measured", "predicted", "error_pct"])
 
 
-def error_table(errors: pd.DataFrame) -> pd.DataFrame:
-    """Median and worst |error| per metric, with the worst cell and how many cells meet the target."""
+def error_table(errors: pd.DataFrame, targets: dict[str, float] | None = None) -> pd.DataFrame:
+    """Median and worst |error| per metric, with the worst cell and how many cells meet the target (default TARGETS)."""
+    targets = TARGETS if targets is None else targets
     out = []
     for k, g in errors.groupby("metric", sort=False):
         a = g["error_pct"].abs()
         worst = g.loc[a.idxmax()] if a.notna().any() else None
         out.append(dict(metric=k, cells=int(a.notna().sum()), median_abs_pct=float(a.median()),
                         worst_abs_pct=float(a.max()), worst_cell=None if worst is None else worst["cell"],
-                        target_pct=TARGETS.get(k), within_target=int((a <= TARGETS.get(k, np.inf)).sum())))
+                        target_pct=targets.get(k), within_target=int((a <= targets.get(k, np.inf)).sum())))
     return pd.DataFrame(out)
 
 
@@ -138,8 +139,8 @@ def _pct(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured * 100 if measured else np.nan
 
 
-def plot_fidelity(errors: pd.DataFrame, path: str | Path) -> Path:
-    """Predicted vs measured, one panel per metric: y = x, +-5% and +-10% bands."""
+def plot_fidelity(errors: pd.DataFrame, path: str | Path, measured: str = "measured (reference engine)") -> Path:
+    """Predicted vs measured, one panel per metric: y = x, +-5% and +-10% bands; `measured` labels the x axes."""
 
     metrics = [m for m in METRICS if m in set(errors.metric)]
     cols = 3
@@ -162,7 +163,7 @@ def plot_fidelity(errors: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlim(x[0], x[-1])
         ax.set_ylim(x[0], x[-1])
         ax.set_title(k)
-        ax.set_xlabel("measured (reference engine)")
+        ax.set_xlabel(measured)
         ax.set_ylabel("predicted (simulator)")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(metrics):]:
