@@ -29,6 +29,7 @@ from sim.lab.claims import (TOLERANCE, ClaimsReport, Results, counts, counts_tex
                             value_text, verdict_text)
 from sim.lab.experiment import load_experiment
 from sim.lab.figures import subplots
+from sim.lab.peer_errors import ENGINES, engine_table, summary_line
 from sim.lab.teaching import make_all
 from sim.lab.validate import compare, error_table
 
@@ -564,6 +565,23 @@ def workload_line(exp) -> str:
     return f"{w.describe()}; mean {p:.0f} prompt and {o:.0f} output tokens{t}"
 
 
+def real_engines_section(results: Path) -> str:
+    """One paragraph per real engine judged in papers/real_engines.md: its verdict counts (sim.lab.peer_errors)."""
+    lines = []
+    for key, title in ENGINES.items():
+        t = engine_table(results / key)
+        if t is not None:
+            lines.append(f"- {title}: {summary_line(t)}")
+    if not lines:
+        return ""
+    return ("The same simulator, with a profile measured over HTTP (`servesim profile --url`) and each server's "
+            "scheduling model, predicts cells that the profile never ran on the real vLLM and llama.cpp server "
+            "running on this machine's CPU ([real_engines.md](real_engines.md) has every cell, the servers' own "
+            "/metrics against the simulated scheduler, and where the real engines behave differently). "
+            "Goal: |error| <= 10% on output throughput, mean TPOT and mean E2E, <= 15% on mean TTFT.\n\n"
+            + "\n".join(lines))
+
+
 def fidelity_section(path: Path) -> str:
     """What experiments/results/fidelity_cpu/ says (servesim validate's files), or that it is pending."""
     where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
@@ -764,6 +782,10 @@ def write_paper(reports: list[ClaimsReport], figures: dict[str, list[Path]], pap
     P(f"Datasheet figures of the cards used (`servesim hardware`): {sheet}.\n")
     P("### Fidelity of the scheduler (CPU)\n")
     P(fidelity_section(fidelity) + "\n")
+    peers = real_engines_section(ROOT / "experiments" / "results" / "peers")
+    if peers:
+        P("### Fidelity against real engines (CPU)\n")
+        P(peers + "\n")
 
     for rep in reports:
         exp = rep.exp

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -22,10 +21,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the project's own profile reader and fit
 from sim.core.calibrated import CalibratedCostModel, read_profile  # noqa: E402
-ENGINES = {"vllm": "vLLM 0.32 (CPU build), bf16", "llamacpp_np4": "llama-server f16, `-np 4`",
-           "llamacpp_np1": "llama-server f16, `-np 1`"}
-METRICS = {"output_throughput": ("out tok/s", 10.0), "mean_ttft_ms": ("TTFT", 15.0),
-           "mean_tpot_ms": ("TPOT", 10.0), "mean_e2el_ms": ("E2E", 10.0)}
+from sim.lab.peer_errors import ENGINES, METRICS, engine_table, summary_line  # noqa: E402
 
 DIFFERENCES = """\
 Where the real engines behave differently from what the project modelled before this work, and
@@ -86,39 +82,6 @@ ENGINE_SETUP = (
     "export 14 s (HF) + 15 s (GGUF f16) + 9 s (Q4_K_M). A vLLM server starts in ~260 s the first time (empty "
     "torch.compile cache), 48-58 s in the runs below; llama-server in 1-2 s. The runs below shared the two cores "
     "with other engineers' test suites (load averages in each engine's table).")
-
-
-def _spread(a: float, b: float) -> float:
-    """|a - b| as a percent of their mean (nan if either is missing)."""
-    if not (np.isfinite(a) and np.isfinite(b)) or a + b == 0:
-        return float("nan")
-    return abs(a - b) / ((a + b) / 2) * 100
-
-
-def engine_table(folder: Path) -> pd.DataFrame | None:
-    """One row per (cell, metric): measured in each run, predicted, errors, the runs' spread, a verdict."""
-    runs = sorted(p for p in folder.glob("run*") if re.fullmatch(r"run\d+", p.name) and (p / "errors.csv").exists())
-    if not runs:
-        return None
-    frames = []
-    for r in runs:  # run<k> and, when there, the shared-prefix cells of the same run (run<k>-prefix)
-        parts = [pd.read_csv(d / "errors.csv") for d in (r, r.with_name(r.name + "-prefix")) if (d / "errors.csv").exists()]
-        e = pd.concat(parts, ignore_index=True)
-        e = e[e.metric.isin(METRICS)].set_index(["cell", "metric"])
-        frames.append(e.rename(columns=lambda c: f"{c}_{r.name}"))
-    t = pd.concat(frames, axis=1).reset_index()
-    names = [r.name for r in runs]
-    if len(names) >= 2:
-        t["spread_pct"] = [_spread(a, b) for a, b in zip(t[f"measured_{names[0]}"], t[f"measured_{names[1]}"])]
-    else:
-        t["spread_pct"] = np.nan
-    target = t.metric.map(lambda m: METRICS[m][1])
-    errs = np.abs(t[[f"error_pct_{n}" for n in names]].to_numpy())
-    worst = np.nanmax(errs, axis=1)
-    t["verdict"] = np.where(worst <= target, "ok",
-                            np.where(worst <= target + t["spread_pct"].fillna(0), "noise", "miss"))
-    t.attrs["runs"] = names
-    return t
 
 
 def _fmt(v: float, digits: int = 1) -> str:
@@ -191,17 +154,6 @@ def setup_markdown(folder: Path) -> str:
     lines = ["| run | phase | seconds | load before | load after |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r.run} | {r.phase} | {r.seconds} | {r.load_before} | {r.load_after} |" for r in s.itertuples()]
     return "\n".join(lines)
-
-
-def summary_line(t: pd.DataFrame) -> str:
-    """How many (cell, metric) pairs meet the goal, are within the noise floor, or miss."""
-    n = len(t)
-    counts = t.verdict.value_counts()
-    spread = t.spread_pct.dropna()
-    return (f"{counts.get('ok', 0)} of {n} (cell, metric) pairs within the goal against both runs, "
-            f"{counts.get('noise', 0)} more within the goal plus the engine's own run-to-run spread, "
-            f"{counts.get('miss', 0)} beyond it. The engine against itself: spread median {spread.median():.1f}%, "
-            f"max {spread.max():.1f}% (same cells, two freshly started servers).")
 
 
 def _summary(results: Path, engine: str, run: str, config: str) -> pd.DataFrame:
