@@ -31,6 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+# One core, as the committed fidelity results were measured (taskset -c 0): XLA sizes its thread pool
+# when JAX loads, so this comes before the imports below; a neighbour on the other core then moves
+# profile and run alike instead of splitting XLA's threads unevenly between them.
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
 from sim.lab.profile import Grid, run_profile
 from sim.lab.validate import format_error_table, error_table, run_validate
 
