@@ -6,6 +6,7 @@ handful of step shapes at start-up; prompts stay short so one context bucket ser
 """
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -94,8 +95,8 @@ def metrics(url: str, model: str = MODEL) -> dict[str, float]:
             assert line.startswith(("# HELP ", "# TYPE ")) or not line
             continue
         name, value = line.rsplit(" ", 1)
-        name = name.replace(f'model_name="{model}",', "").replace(f'{{model_name="{model}"}}', "")
-        out[name] = float(value)
+        name = re.sub(r'[{,]model_name="[^"]*"', lambda m: m.group(0)[0], name).replace("{,", "{").replace("{}", "")
+        out[name.replace(",}", "}")] = float(value)
     return out
 
 

@@ -35,8 +35,11 @@ def srv():
 
 
 def post(url, path, body=None, *, content=None, headers=AUTH, **kw):
-    return httpx.post(url + path, json=body, content=content, headers={**headers, **kw.pop("extra", {})}, timeout=30,
-                      **kw)
+    """POST JSON (escaped to ASCII, so lone surrogates travel as \\ud800 escapes, as a JSON client sends them)."""
+    if body is not None:
+        content = json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json", **headers,
+                                                            **kw.pop("extra", {})}, timeout=30, **kw)
 
 
 def ok_body(**kw):

@@ -10,7 +10,8 @@ the median decode step at 1 client (ms per output token) and the output throughp
     rows from 1     decode rows bucketed from 1: one client runs a matrix-vector step
     dynamic ctx     the context walked at run time (reference.dynamic_attention): no context buckets,
                     the shape set a server compiles at start-up (the server's runner options)
-    + XLA flag      each of EXTRA_XLA_FLAGS (set in a child process: XLA reads flags once)
+    + XLA flag      each of EXTRA_XLA_FLAGS (set in a child process: XLA reads flags once); "1 thread"
+                    turns off Eigen's thread pool (matmuls on one core, as llama-server -t 1)
     bfloat16        the server's runner in bfloat16 (weights and KV), to show what XLA's CPU dtype costs
 
 The variants run interleaved, `--repeats` rounds, so machine load hits each alike; medians are printed
@@ -28,13 +29,15 @@ import subprocess
 import sys
 import time
 
-EXTRA_XLA_FLAGS = {"xnnpack": "--xla_cpu_use_xnnpack=true", "onednn": "--xla_cpu_use_onednn=true"}
+EXTRA_XLA_FLAGS = {"xnnpack": "--xla_cpu_use_xnnpack=true", "onednn": "--xla_cpu_use_onednn=true",
+                   "1 thread": "--xla_cpu_multi_thread_eigen=false"}
 VARIANTS = {
     "baseline": dict(min_seqs=4),
     "rows from 1": dict(min_seqs=1),
     "dynamic ctx": dict(server=True),
     "dynamic ctx + xnnpack": dict(server=True, xla="xnnpack"),
     "dynamic ctx + onednn": dict(server=True, xla="onednn"),
+    "dynamic ctx, 1 thread": dict(server=True, xla="1 thread"),
     "bfloat16": dict(server=True, dtype="bfloat16"),
 }
 
@@ -56,10 +59,7 @@ def measure(model: str, variant: dict, clients: tuple[int, ...], prompt_len: int
     else:
         options = dict(min_seqs=variant["min_seqs"])
     runner = ModelRunner(model, layout=sched.layout, dtype=variant.get("dtype", "float32"), attention="jnp", **options)
-    engine = Engine(sched, runner)
-    if variant.get("server"):
-        for shape in runner.shapes():
-            runner.compile_shape(shape)
+    engine = Engine(sched, runner)  # a warm-up pass per client count compiles the shapes it meets, off the clock
     rng = np.random.default_rng(0)
     out = {}
     for c in clients:

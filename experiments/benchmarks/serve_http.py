@@ -55,25 +55,26 @@ value = 100
 [workload.output_tokens]
 dist = "fixed"
 value = 200
-
+"""
+ENGINES = {"sequential": """
 [engines.sequential]
 scheduler = "sequential"
 num_parallel = 1
 num_ctx = 1024
-
+""", "continuous": """
 [engines.continuous]
 scheduler = "continuous"
 block_size = 16
 max_num_seqs = 64
 max_num_batched_tokens = 512
 max_model_len = 1024
-"""
+"""}
 LEVELS = [(1, 20), (10, 50), (50, 100)]
 CLI = [sys.executable, "-c", "from sim.lab.cli import main; main()"]
 
 
 def write_config(path: Path, engine: str, users: int, per_user: int) -> Path:
-    path.write_text(CONFIG.format(engine=engine, users=users, per_user=per_user))
+    path.write_text(CONFIG.format(engine=engine, users=users, per_user=per_user) + ENGINES[engine])
     return path
 
 

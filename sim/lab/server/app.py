@@ -35,10 +35,10 @@ def create_app(exp, engine_name: str | None = None, *, params=None, warmup: bool
     compilation_cache: a directory for JAX's persistent compilation cache (a restart reads it back).
     """
     limits = limits or ServerLimits()
-    enable_compilation_cache(compilation_cache)
     names = list(model_names or [model_name or exp.model])
     engine, cfg = build_engine(exp, engine_name, params=params, runner_options=runner_options,
                                max_queue=limits.max_queue)
+    enable_compilation_cache(compilation_cache)  # before the engine thread compiles, after bad input is refused
     state = ServerState(engine, cfg, names, limits, warmup=warmup)
 
     @asynccontextmanager

@@ -44,7 +44,7 @@ _NEUTRAL = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (No
             "web_search_options": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
             "guided_grammar": (None,), "mirostat": (None, 0), "images": (None, []), "tool_calls": (None, []),
             "template": (None, ""), "context": (None, []), "format": (None, ""), "think": (None, False),
-            "thinking": (None, "")}
+            "thinking": (None, ""), "response_format": (None, {"type": "text"})}
 
 
 @dataclass
@@ -128,7 +128,7 @@ class JobBuilder:
         if name is None or name == "":
             raise bad("model", f"required (this server serves {', '.join(map(repr, self.model_names))})")
         if name not in self.model_names:
-            raise ApiError(404, f"The model `{_short(name)}` does not exist (this server serves "
+            raise ApiError(404, f"The model `{name[:80]}` does not exist (this server serves "
                                 f"{', '.join(map(repr, self.model_names))})", "model", code="model_not_found")
         return name
 
@@ -190,6 +190,8 @@ class JobBuilder:
         model = schemas.ChatCompletionRequest if chat else schemas.CompletionRequest
         req = self.parse(raw, model, "/v1/chat/completions" if chat else "/v1/completions")
         name = self.check_model(req.model)
+        if req.best_of not in (None, req.n):
+            raise bad("best_of", f"{_short(req.best_of)}: only best_of = n is supported by servesim")
         if chat and req.tool_choice not in (None, "none") and not req.tools:
             raise bad("tool_choice", "given without tools (and tools are not supported by servesim)")
         if chat:

@@ -6,7 +6,7 @@ the gauges and the preemption count are read from the scheduler when /metrics is
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # vLLM's histogram buckets (s).

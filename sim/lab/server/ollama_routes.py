@@ -28,6 +28,7 @@ from sim.lab.server.limits import read_body
 from sim.lab.server.state import Disconnected, ServerState, request_id, watch_disconnect
 
 NDJSON = "application/x-ndjson"
+_QUANT = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # GGUF's names for the weight types
 
 
 def _now_iso() -> str:
@@ -51,7 +52,7 @@ def router(state: ServerState) -> APIRouter:
     def details() -> dict:
         n = sum(int(x.size) for x in _leaves(runner.params))
         return {"parent_model": "", "format": "servesim", "family": "llama", "families": ["llama"],
-                "parameter_size": f"{n / 1e6:.1f}M", "quantization_level": str(runner.dtype.__name__).upper()}
+                "parameter_size": f"{n / 1e6:.1f}M", "quantization_level": _QUANT.get(runner.dtype.__name__, runner.dtype.__name__)}
 
     def card(name: str) -> dict:
         digest = hashlib.sha256(f"{name}:{cfg.name}:{state.engine_cfg.name}".encode()).hexdigest()
