@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["sequential", "continuous"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # The server's default XLA flags, for the server and the in-process bench alike (same matmul library)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_xnnpack=true".strip()
     url = f"http://127.0.0.1:{args.port}"
     rows: dict[str, dict] = {}
     load = [os.getloadavg()[0]]
@@ -126,7 +128,7 @@ def main() -> None:
         log = open(args.out / f"serve-{engine}.log", "w")
         proc = subprocess.Popen(CLI + ["serve", str(cfg), "--engine", engine, "--port", str(args.port),
                                        "--served-model-name", "llama3.1:8b", "--served-model-name", "tiny",
-                                       "--compilation-cache", args.cache, "--log-level", "warning"],
+                                       "--compilation-cache", args.cache, "--log-level", "warning", "--xla-flags", ""],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         r = rows[engine] = {}
         try:

@@ -13,6 +13,9 @@ from sim.lab.experiment import load_experiment
 from sim.lab.server import GracefulServer, ServerLimits, create_app
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "servesim", "jax")
+# XNNPACK's matmuls: a one-client decode step (matrix x vector) 3x faster than XLA's default Eigen path on
+# this CPU, no slower at 16 sequences (experiments/benchmarks/engine_speed.py).
+DEFAULT_XLA_FLAGS = "--xla_cpu_use_xnnpack=true"
 
 
 @click.command("serve")
@@ -37,13 +40,15 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "servesim", "jax
               help="On SIGTERM/SIGINT: seconds open requests may still run before their streams end with an error.")
 @click.option("--compilation-cache", default=DEFAULT_CACHE, show_default=True,
               help="Directory of JAX's persistent compilation cache ('' to disable): restarts skip compiling.")
+@click.option("--xla-flags", default=DEFAULT_XLA_FLAGS, show_default=True,
+              help="Added to XLA_FLAGS before JAX starts ('' for XLA's defaults).")
 @click.option("--no-warmup", is_flag=True, help="Do not compile the step shapes before serving (they compile on "
                                                 "first use, while a request waits; counted in /metrics).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
 def command(config: Path, engine_name: str | None, host: str, port: int, names: tuple[str, ...],
             api_key: str | None, max_body_bytes: int, max_queue: int, max_stop: int, max_stop_chars: int,
-            drain_s: float, compilation_cache: str, no_warmup: bool, log_level: str) -> None:
+            drain_s: float, compilation_cache: str, xla_flags: str, no_warmup: bool, log_level: str) -> None:
     """Serve CONFIG's model with one of its engines.
 
     OpenAI: /v1/completions, /v1/chat/completions, /v1/models (OpenAI(base_url="http://HOST:PORT/v1")).
@@ -52,6 +57,8 @@ def command(config: Path, engine_name: str | None, host: str, port: int, names: 
     Drive it with the experiment's workload: servesim bench CONFIG --url http://HOST:PORT/v1
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if xla_flags:  # read once, when JAX's CPU backend starts (the first computation, below)
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
     exp = load_experiment(config)
     try:
         limits = ServerLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, max_stop=max_stop,
@@ -64,6 +71,6 @@ def command(config: Path, engine_name: str | None, host: str, port: int, names: 
     click.echo(f"servesim: model {state.model_names!r}, engine {state.engine_cfg.name!r} "
                f"({state.engine_cfg.scheduler}), context {state.context_len} tokens, "
                f"{len(state.loop.engine.runner.shapes()) if not no_warmup else 'no'} step shapes to compile, "
-               f"on http://{host}:{port} (/v1 OpenAI, /api Ollama)")
+               f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, on http://{host}:{port} (/v1 OpenAI, /api Ollama)")
     server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level), state)
     server.run()
