@@ -130,7 +130,9 @@ def main() -> None:
         line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
         res = json.loads(line[7:])
         cores = f"taskset {args.our_cores}" if args.our_cores else f"{os.cpu_count()} cores"
-        rows[f"servesim JAX f32, server runner ({cores})"] = (res["1"][0], res[str(args.clients)][1])
+        flags = os.environ.get("XLA_FLAGS", "")
+        rows[f"servesim JAX f32, server runner ({cores}{', ' + flags if flags else ''})"] = \
+            (res["1"][0], res[str(args.clients)][1])
         loads.append(os.getloadavg()[0])
     print(f"\nsmall-100m, 100 in / {args.out_len} out, greedy; load average {min(loads):.1f}-{max(loads):.1f}")
     print(f"| engine | decode ms/token, 1 client | output tok/s, {args.clients} concurrent |\n|---|---|---|")
