@@ -93,9 +93,16 @@ class Padding:
     # In a step that also prefills, pad the decode rows at least to the prefill token bucket (capped by
     # max_seqs): the step's matmuls at most double, and decode rows stop multiplying the shape set.
     mixed_floor: bool = False
+    # A serving engine's coarse rule for steps with a prefill part (needs max_seqs): the decode part is always
+    # max_seqs rows (all padding when nobody decodes: an all-padding part walks no context), and the prefill
+    # part is few_prefill_rows sequences, or, beyond, the most its token bucket can hold (a chunk has >= 2
+    # tokens). Then such steps have two shapes per token bucket, and the set is the decode buckets plus that.
+    coarse_mixed: bool = False
+    few_prefill_rows: int = 4
 
     def __post_init__(self):
-        for name in ("context_cap", "min_tokens", "min_seqs", "min_blocks", "query_tile", "min_context"):
+        for name in ("context_cap", "min_tokens", "min_seqs", "min_blocks", "query_tile", "min_context",
+                     "few_prefill_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
@@ -106,6 +113,9 @@ class Padding:
         for name in ("growth", "mixed_growth"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ConfigError(name, f"must be 2, 4 or 8, got {getattr(self, name)!r}", "2 | 4 | 8")
+        if self.coarse_mixed and self.max_seqs is None:
+            raise ConfigError("coarse_mixed", "needs max_seqs (the decode part of a prefill step is max_seqs rows)",
+                              "max_seqs set, or coarse_mixed=False")
 
     @classmethod
     def for_layout(cls, layout: Layout, max_position: int, **rules) -> Padding:
@@ -137,6 +147,8 @@ class Padding:
         *_longest: the longest sequence of the part (tokens after the step).
         """
         rows_cap = self.max_seqs
+        if prefill_seqs and self.coarse_mixed:
+            return self._coarse_step(decode_longest, prefill_seqs, prefill_tokens, prefill_longest)
         sp = bucket(prefill_seqs, self.min_seqs, rows_cap, self.growth) if prefill_seqs else 0
         tp = bucket(prefill_tokens, self.min_tokens, self.max_tokens, self.growth) if prefill_seqs else 0
         floor = self.min_seqs
@@ -145,6 +157,16 @@ class Padding:
         sd = bucket(decode_seqs, floor, rows_cap, self.mixed_growth if prefill_seqs else 2) if decode_seqs else 0
         return PaddedStep(sd, self.context(decode_longest) if sd else 0, sp, tp,
                           sp + -(-tp // self.query_tile) if sp else 0, self.context(prefill_longest) if sp else 0)
+
+    def _coarse_step(self, decode_longest: int, prefill_seqs: int, prefill_tokens: int,
+                     prefill_longest: int) -> PaddedStep:
+        """step() of a step with a prefill part under coarse_mixed (decode rows: max_seqs, decodes or not)."""
+        tp = bucket(prefill_tokens, self.min_tokens, self.max_tokens, self.growth)
+        most = min(self.max_seqs, max(1, tp // 2))
+        few = min(self.few_prefill_rows, most)
+        sp = few if prefill_seqs <= few else most
+        return PaddedStep(self.max_seqs, self.context(max(decode_longest, 1)), sp, tp, sp + -(-tp // self.query_tile),
+                          self.context(prefill_longest))
 
     def shapes(self) -> list[PaddedStep]:
         """Every padded step a scheduler within max_seqs and max_tokens can produce (both must be set).
@@ -176,7 +198,7 @@ class Padding:
                 for dn in [0] + mixed:
                     padded = self.step(dn, 1, pn, tn, tn)
                     for pc in contexts:
-                        for dc in (contexts if dn else [0]):
+                        for dc in (contexts if padded.decode_rows else [0]):
                             out.add(self._with_contexts(padded, dc, pc))
         return sorted(out, key=lambda p: (p.tokens, p.rows, p.decode_context, p.prefill_context))
 

@@ -125,7 +125,7 @@ class ModelRunner:
     min_tokens / min_seqs / min_blocks: smallest buckets; query_tile: queries per prefill tile.
     attention: paged attention "auto" (the Pallas kernel on a GPU, pure jnp elsewhere), "pallas" or "jnp".
     A serving runner bounds its shape set (reference.buckets.Padding): max_seqs / max_tokens (the
-    scheduler's limits) cap the buckets, growth / mixed_growth coarsen them, and dynamic_context
+    scheduler's limits) cap the buckets, growth / mixed_growth / coarse_mixed coarsen them, and dynamic_context
     walks the context at run time instead of padding it to a bucket; then `shapes()` lists every
     step shape it can meet and `compile_shape` compiles one without a real step.
     """
@@ -135,7 +135,7 @@ class ModelRunner:
                  min_tokens: int = 16, min_seqs: int = 4, min_blocks: int = 4, query_tile: int = 32,
                  attention: str = "auto", max_seqs: int | None = None, max_tokens: int | None = None,
                  growth: int = 2, mixed_growth: int = 2, dynamic_context: bool = False,
-                 max_context: int | None = None, mixed_floor: bool = False):
+                 max_context: int | None = None, mixed_floor: bool = False, coarse_mixed: bool = False):
         self.cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
         if name not in DTYPES:
@@ -154,7 +154,8 @@ class ModelRunner:
         self.padding = Padding.for_layout(layout, max_position, min_tokens=min_tokens, min_seqs=min_seqs,
                                           min_blocks=min_blocks, query_tile=query_tile, max_seqs=max_seqs,
                                           max_tokens=max_tokens, growth=growth, mixed_growth=mixed_growth,
-                                          dynamic_context=dynamic_context, mixed_floor=mixed_floor)
+                                          dynamic_context=dynamic_context, mixed_floor=mixed_floor,
+                                          coarse_mixed=coarse_mixed)
         self.chunk = (dyn.chunk_for(self.padding.context_cap, self.padding.block_size) if dynamic_context else 0)
         self.num_compilations = 0  # step shapes this runner compiled (a shape another runner compiled is free)
         self._params_signature = tuple((x.shape, x.dtype.name) for x in jax.tree_util.tree_leaves(self.params))
@@ -205,7 +206,7 @@ class ModelRunner:
         rows = np.zeros(len(chunks), np.int64)
         batch: dict = {}
         contexts = [0, 0]
-        if decode:
+        if pad.decode_rows:  # coarse_mixed pads a decode part even when nobody decodes
             batch["decode"], contexts[0] = self._prepare_decode([chunks[i] for i in decode], pad, flat)
             rows[decode] = np.arange(len(decode))
         if prefill:
@@ -218,7 +219,7 @@ class ModelRunner:
 
     def _prepare_decode(self, chunks: list[ScheduledChunk], pad: PaddedStep, flat: _FlatArrays) -> tuple[dict, int]:
         """The decode part: one token and one output row per sequence, rows 0 .. decode_rows - 1."""
-        context = self.padding.context(max(c.end for c in chunks))
+        context = self.padding.context(max((c.end for c in chunks), default=1))
         part = self.access.locate(chunks, pad.decode_rows, context)
         for j, c in enumerate(chunks):
             flat.put(j, j, c, self.access.write_slots(part, j, c))

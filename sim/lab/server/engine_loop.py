@@ -61,12 +61,14 @@ def step_limits(scheduler) -> StepLimits:
 def serving_runner_options(limits: StepLimits) -> dict:
     """ModelRunner options that bound the shape set to what the scheduler can produce.
 
-    Decode rows keep power-of-two buckets from 1 (a lone client pays for one row); prefill
-    buckets grow 4x (prefill steps are rarer, and padding a prompt costs less than a compile);
-    the context is walked at run time (no context buckets at all).
+    Decode-only steps (the hot path) keep power-of-two row buckets from 1 (a lone client pays for
+    one row); a step with a prefill part has its tokens in buckets growing 4x, its decode part
+    padded to max_seqs and its prefill part to 4 sequences or the most its bucket holds
+    (coarse_mixed: two shapes per token bucket; a compile costs more than padding a rare step);
+    the context is walked at run time (no context buckets at all). max_seqs 64, 512 tokens: 15 shapes.
     """
     return dict(min_seqs=1, min_tokens=16, max_seqs=limits.max_seqs, max_tokens=limits.max_tokens,
-                max_context=limits.max_context, growth=4, mixed_growth=4, dynamic_context=True, mixed_floor=True)
+                max_context=limits.max_context, growth=4, dynamic_context=True, coarse_mixed=True)
 
 
 def build_engine(exp, engine_name: str | None = None, *, params=None, runner_options: dict | None = None,
