@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reference import dynamic_attention as dyn
 from reference import kv_cache as kvc
 from reference.batch import ScheduledChunk, SchedulerOutput
 from reference.buckets import Padding, PaddedStep
@@ -38,25 +39,40 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, access: kvc.Access,
-          decode_rows: int, contexts: tuple[int, int], tile: int) -> tuple:
+          decode_rows: int, contexts: tuple[int, int], tile: int, chunk: int = 0) -> tuple:
     """The whole step on device. batch holds the padded arrays built by ModelRunner.prepare.
 
     The flat tokens are [decode part: decode_rows rows] + [prefill part]. Every layer runs over all
     of them at once (the weights are read once per step); only attention is split: the decode
     part takes the decode path, the prefill part the ragged path. Either part may be absent (then
-    its key is missing from batch). contexts: each part's padded context (tokens).
+    its key is missing from batch). contexts: each part's padded context (tokens). chunk > 0: the
+    context is walked at run time in chunks of that many tokens (reference.dynamic_attention), so
+    the compiled step does not depend on how long the sequences are.
     """
     dec, pre = batch.get("decode"), batch.get("prefill")
     Sd = decode_rows
     ctx = batch["context_lens"]  # [Sd + Sp]: decode sequences, then prefill sequences
 
+    def fetcher(kc, vc, part):  # dynamic context: how rows of a part (or a subset, by index) find their K/V
+        key = "tables" if isinstance(access, kvc.PagedAccess) else "slots"
+        make = dyn.paged_fetch if key == "tables" else dyn.slot_fetch
+        return lambda rows=None: make(kc, vc, part[key] if rows is None else part[key][rows], chunk)
+
     def attend(i, q, k, v, layer_cache):
         kc, vc = write_kv(*layer_cache, k, v, batch["slot_mapping"])  # write first: see this step's tokens
         out = []
         if dec is not None:
-            out.append(access.decode(q[:Sd], kc, vc, dec, ctx[:Sd], contexts[0]))  # [Sd, H, D]
+            if chunk:
+                out.append(dyn.decode_attention(q[:Sd], ctx[:Sd], fetcher(kc, vc, dec)(), chunk))
+            else:
+                out.append(access.decode(q[:Sd], kc, vc, dec, ctx[:Sd], contexts[0]))  # [Sd, H, D]
         if pre is not None:
-            out.append(access.prefill(q[Sd:], kc, vc, pre, batch["positions"][Sd:], ctx[Sd:], contexts[1], tile))
+            if chunk:
+                out.append(dyn.prefill_attention(q[Sd:], pre["seq_ids"], batch["positions"][Sd:], pre["query_start"],
+                                                 ctx[Sd:], fetcher(kc, vc, pre), chunk, tile))
+            else:
+                out.append(access.prefill(q[Sd:], kc, vc, pre, batch["positions"][Sd:], ctx[Sd:], contexts[1],
+                                          tile))
         return (out[0] if len(out) == 1 else jnp.concatenate(out)), (kc, vc)
 
     hidden, cache = forward_hidden(params, cfg, batch["tokens"], batch["positions"], attend, cache)
@@ -71,7 +87,8 @@ def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, 
     return tokens, logits, cache
 
 
-_jitted_step = jax.jit(_step, static_argnames=("cfg", "access", "decode_rows", "contexts", "tile"), donate_argnums=1)
+_jitted_step = jax.jit(_step, static_argnames=("cfg", "access", "decode_rows", "contexts", "tile", "chunk"),
+                       donate_argnums=1)
 
 # Compiled steps, shared by every runner in the process, as jax.jit's own cache would be; keyed by
 # everything a compiled executable depends on (model, dtype, layout, padded shapes, parts present).
@@ -107,12 +124,18 @@ class ModelRunner:
     sampling_seed: seeds requests whose SamplingParams.seed is None (mixed with the request id).
     min_tokens / min_seqs / min_blocks: smallest buckets; query_tile: queries per prefill tile.
     attention: paged attention "auto" (the Pallas kernel on a GPU, pure jnp elsewhere), "pallas" or "jnp".
+    A serving runner bounds its shape set (reference.buckets.Padding): max_seqs / max_tokens (the
+    scheduler's limits) cap the buckets, growth / mixed_growth / coarse_mixed coarsen them, and dynamic_context
+    walks the context at run time instead of padding it to a bucket; then `shapes()` lists every
+    step shape it can meet and `compile_shape` compiles one without a real step.
     """
 
     def __init__(self, cfg: ModelConfig | str, params: Params | None = None, *, layout: Layout,
                  seed: int = 0, dtype: Any = jnp.float32, sampling_seed: int = 0,
                  min_tokens: int = 16, min_seqs: int = 4, min_blocks: int = 4, query_tile: int = 32,
-                 attention: str = "auto"):
+                 attention: str = "auto", max_seqs: int | None = None, max_tokens: int | None = None,
+                 growth: int = 2, mixed_growth: int = 2, dynamic_context: bool = False,
+                 max_context: int | None = None, mixed_floor: bool = False, coarse_mixed: bool = False):
         self.cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
         if name not in DTYPES:
@@ -127,8 +150,13 @@ class ModelRunner:
         self.cache = kvc.allocate(self.cfg, layout, self.dtype)
         self.sampling_seed = sampling_seed
         self.query_tile = query_tile
-        self.padding = Padding.for_layout(layout, self.cfg.max_position, min_tokens=min_tokens, min_seqs=min_seqs,
-                                          min_blocks=min_blocks, query_tile=query_tile)
+        max_position = self.cfg.max_position if max_context is None else min(max_context, self.cfg.max_position)
+        self.padding = Padding.for_layout(layout, max_position, min_tokens=min_tokens, min_seqs=min_seqs,
+                                          min_blocks=min_blocks, query_tile=query_tile, max_seqs=max_seqs,
+                                          max_tokens=max_tokens, growth=growth, mixed_growth=mixed_growth,
+                                          dynamic_context=dynamic_context, mixed_floor=mixed_floor,
+                                          coarse_mixed=coarse_mixed)
+        self.chunk = (dyn.chunk_for(self.padding.context_cap, self.padding.block_size) if dynamic_context else 0)
         self.num_compilations = 0  # step shapes this runner compiled (a shape another runner compiled is free)
         self._params_signature = tuple((x.shape, x.dtype.name) for x in jax.tree_util.tree_leaves(self.params))
         self._last_logits = None
@@ -178,7 +206,7 @@ class ModelRunner:
         rows = np.zeros(len(chunks), np.int64)
         batch: dict = {}
         contexts = [0, 0]
-        if decode:
+        if pad.decode_rows:  # coarse_mixed pads a decode part even when nobody decodes
             batch["decode"], contexts[0] = self._prepare_decode([chunks[i] for i in decode], pad, flat)
             rows[decode] = np.arange(len(decode))
         if prefill:
@@ -191,7 +219,7 @@ class ModelRunner:
 
     def _prepare_decode(self, chunks: list[ScheduledChunk], pad: PaddedStep, flat: _FlatArrays) -> tuple[dict, int]:
         """The decode part: one token and one output row per sequence, rows 0 .. decode_rows - 1."""
-        context = self.padding.context(max(c.end for c in chunks))
+        context = self.padding.context(max((c.end for c in chunks), default=1))
         part = self.access.locate(chunks, pad.decode_rows, context)
         for j, c in enumerate(chunks):
             flat.put(j, j, c, self.access.write_slots(part, j, c))
@@ -230,7 +258,38 @@ class ModelRunner:
 
     def _static(self, step: PreparedStep) -> dict:
         return dict(cfg=self.cfg, access=self.access, decode_rows=step.padded.decode_rows, contexts=step.contexts,
-                    tile=self.query_tile)
+                    tile=self.query_tile, chunk=self.chunk)
+
+    def shapes(self) -> list[PaddedStep]:
+        """Every step shape this runner can meet (needs max_seqs and max_tokens; see Padding.shapes)."""
+        return self.padding.shapes()
+
+    def compile_shape(self, padded: PaddedStep) -> bool:
+        """Compile the step of this padded shape (from shapes()) ahead of any real step; True if it compiled."""
+        return self.compile(self._abstract_step(padded))
+
+    def _abstract_step(self, p: PaddedStep) -> PreparedStep:
+        """A PreparedStep of ShapeDtypeStructs with the arrays prepare() would build for shape p."""
+        i32 = np.int32
+
+        def a(shape, dtype=i32):
+            return jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+
+        paged = isinstance(self.layout, PagedLayout)
+
+        def part(rows, context):
+            bs = self.layout.block_size if paged else None
+            return {"tables": a((rows, context // bs))} if paged else {"slots": a((rows,))}
+
+        batch: dict = dict(tokens=a((p.tokens,)), positions=a((p.tokens,)), slot_mapping=a((p.tokens,)),
+                           context_lens=a((p.rows,)), temperature=a((p.rows,), np.float32), top_k=a((p.rows,)),
+                           top_p=a((p.rows,), np.float32), seeds=a((p.rows,), np.uint32))
+        if p.decode_rows:
+            batch["decode"] = part(p.decode_rows, p.decode_context)
+        if p.prefill_rows:
+            batch["prefill"] = dict(part(p.prefill_rows, p.prefill_context), seq_ids=a((p.prefill_tokens,)),
+                                    query_start=a((p.prefill_rows + 1,)))
+        return PreparedStep(batch, p, (p.decode_context, p.prefill_context), [], (), np.zeros(0, np.int64))
 
     def is_compiled(self, step: PreparedStep) -> bool:
         """True when this step's shape is compiled already (running it will not stall on a compile)."""
@@ -246,7 +305,8 @@ class ModelRunner:
         return True
 
     def _compile_key(self, step: PreparedStep) -> tuple:
-        return (self.cfg, self._params_signature, jnp.dtype(self.dtype).name, self.access, self.query_tile, step.key)
+        return (self.cfg, self._params_signature, jnp.dtype(self.dtype).name, self.access, self.query_tile, self.chunk,
+                step.key)
 
     def run(self, step: PreparedStep) -> list[int]:
         """Device side of a step: block copies, then the compiled forward + sampling; token ids to host."""
