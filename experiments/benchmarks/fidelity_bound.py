@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 # One core, as the committed fidelity results were measured (taskset -c 0): XLA sizes its thread pool
 # when JAX loads, so this comes before the imports below; a neighbour on the other core then moves
 # profile and run alike instead of splitting XLA's threads unevenly between them.
@@ -100,9 +102,13 @@ def attempt(folder: Path, bound: float) -> tuple[bool, float, str]:
     after = probe_ms()
     checked = errors[errors.metric.isin(CHECKED)]
     probes = ", ".join(f"batch {b}: {before[b]:.3f} -> {after[b]:.3f} ms" for b in before)
+    # Where a miss comes from: the device steps (per kind) or the host work around them (validate's step check).
+    steps = pd.read_csv(folder / "out" / "steps_check.csv")[["cell", "steps", "exec_err_pct", "decode_exec_err_pct",
+                                                             "prefill_exec_err_pct", "host_err_pct"]]
     return (bool((checked.error_pct.abs() <= bound).all()), drift_pct(before, after),
             f"speed probe before -> after ({probes})\n" + format_error_table(error_table(errors)) + "\n"
-            + checked.to_string(index=False))
+            + checked.to_string(index=False) + "\nsteps, predicted vs measured (%):\n"
+            + steps.round(1).to_string(index=False))
 
 
 def main(argv=None) -> int:
