@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from reference.batch import ScheduledChunk, SchedulerOutput
+from reference.batch import SchedulerOutput
 from reference.errors import ConfigError
 from reference.request import Request
 from reference.schedulers.sequential import SequentialScheduler
@@ -161,23 +161,8 @@ class LlamaServerScheduler(SequentialScheduler):
             self.num_cached_tokens += n_past
             self.slot_tokens[slot] = tuple(prompt[:n_past])
             self._start(req, now)
-        out = SchedulerOutput()
-        budget = self.n_batch
-        by_slot = sorted(self.running, key=lambda r: self.slot_of[r.request_id])
-        prompting = []
-        for req in by_slot:
-            if req.num_tokens - req.num_computed_tokens == 1 and req.num_output_tokens:
-                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, 1, slot=self.slot_of[req.request_id]))
-                budget -= 1
-            else:
-                prompting.append(req)
-        for req in prompting:
-            if budget <= 0:
-                break
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new, slot=self.slot_of[req.request_id]))
-            budget -= num_new
-        return out
+        # update_slots walks the slots in slot order, so prompt tokens are batched in that order.
+        return self._batch(sorted(self.running, key=lambda r: self.slot_of[r.request_id]))
 
     def _release_kv(self, req: Request) -> None:
         slot = self.slot_of[req.request_id]

@@ -54,10 +54,15 @@ class SequentialScheduler(Scheduler):
             self.slot_of[req.request_id] = self.free_slots.pop()
             req.num_computed_tokens = 0
             self._start(req, now)
+        return self._batch(self.running)
+
+    def _batch(self, order: list[Request]) -> SchedulerOutput:
+        """One llama_decode batch: every generating slot's next token, then prompt tokens of the others in
+        `order`, within n_batch."""
         out = SchedulerOutput()
         budget = self.n_batch
         prompting = []
-        for req in self.running:
+        for req in order:
             if req.num_tokens - req.num_computed_tokens == 1 and req.num_output_tokens:
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, 1, slot=self.slot_of[req.request_id]))
                 budget -= 1
