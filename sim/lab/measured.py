@@ -145,7 +145,7 @@ def load_rows(measured_dir: str | Path | None = None) -> list[MeasuredRow]:
                 value = float(r["output_tok_s"] or r["median_tpot_ms"])
                 rows.append(MeasuredRow(r["row_id"], kind="serving", n=int(r["num_prompts"]), measured=value,
                                         unit=what, role="sim",
-                                        note="needs the whole simulator (scheduler, arrivals); left to the lead",
+                                        note="a check of the whole simulator (scheduler, arrivals); the LL-A100 runs are claims group E",
                                         **common))
     return rows
 
