@@ -286,10 +286,31 @@ class ItlHistogram:
 
 _SUMMARY_INPUTS = ("arrival_s", "first_scheduled_s", "finish_s", "prompt_tokens", "output_tokens",
                    "cached_prompt_tokens", "preemptions", "queue_ms", "ttft_ms", "tpot_ms", "e2el_ms",
-                   "itl_count", "itl_sum_ms", "itl_max_ms")  # CellAccumulator._take spells these out, by _SUMMARY_INDEX
-_SUMMARY_INDEX = (7, 8, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 23)  # their places in REQUEST_COLUMNS
-if tuple(REQUEST_COLUMNS[i] for i in _SUMMARY_INDEX) != _SUMMARY_INPUTS:
-    raise AssertionError("_SUMMARY_INDEX does not match _SUMMARY_INPUTS in REQUEST_COLUMNS")
+                   "itl_count", "itl_sum_ms", "itl_max_ms")
+# What CellAccumulator stores per request (69 bytes): these floats, these ints (C int), and the outcome code; the
+# latencies (queue, TTFT, TPOT, E2EL) are recomputed at summary time with the same float operations.
+_STORED_FLOATS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "itl_sum_ms", "itl_max_ms")
+_STORED_INTS = ("prompt_tokens", "output_tokens", "cached_prompt_tokens", "preemptions", "itl_count")
+_STORED_INDEX = (7, 8, 9, 10, 21, 23, 11, 12, 14, 15, 20)  # their places in REQUEST_COLUMNS (CellAccumulator._take)
+if tuple(REQUEST_COLUMNS[i] for i in _STORED_INDEX) != _STORED_FLOATS + _STORED_INTS:
+    raise AssertionError("_STORED_INDEX does not match _STORED_FLOATS + _STORED_INTS in REQUEST_COLUMNS")
+
+
+def _latency_columns(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The _SUMMARY_INPUTS columns from the stored ones: _record_values' latency arithmetic, elementwise.
+
+    IEEE operations are the same in numpy as in Python ((b - a) * 1e3, then / (out - 1)), so each
+    value is the very float the row holds; NaN in, NaN out, as the row's None -> NaN rules give.
+    """
+    arrival, out = stored["arrival_s"], stored["output_tokens"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ttft = (stored["first_token_s"] - arrival) * 1e3
+        e2el = (stored["finish_s"] - arrival) * 1e3
+        tpot = np.where(out > 1, (e2el - ttft) / (out - 1), NAN)
+        queue = (stored["first_scheduled_s"] - arrival) * 1e3
+    cols = {k: v for k, v in stored.items() if k in _SUMMARY_INPUTS}
+    cols.update(queue_ms=queue, ttft_ms=ttft, tpot_ms=tpot, e2el_ms=e2el)
+    return cols
 
 
 def _stats(prefix: str, x: np.ndarray, out: dict) -> None:
@@ -452,7 +473,7 @@ def cell_label(engine: str | None, concurrency: int | None = None, request_rate:
 # Cell accumulator: per-request rows out, compact summary state in
 
 class CellAccumulator:
-    """Collects one cell's finished requests: a row each, plus what the summary needs (8 bytes a column).
+    """Collects one cell's finished requests: a row each, plus what the summary needs (69 bytes a request).
 
     Rows go to row_sink in chunks of sink_every, or as value lists (REQUEST_COLUMNS order) to
     values_sink (the ResultsWriter appends them to requests.csv), or, without a sink, stay in `rows`. Pooled ITL gaps of completed
@@ -472,8 +493,8 @@ class CellAccumulator:
         self.values_sink = values_sink  # takes rows as value lists in REQUEST_COLUMNS order (no dict per row)
         self.rows: list[dict] = []
         self._values: list[list] = []
-        self._cols = {k: array("d") for k in _SUMMARY_INPUTS}
-        self._columns = tuple(self._cols.values())  # in _SUMMARY_INPUTS order (see _take)
+        self._cols = {**{k: array("d") for k in _STORED_FLOATS}, **{k: array("i") for k in _STORED_INTS}}
+        self._columns = tuple(self._cols.values())  # in _STORED_INDEX order (see _take)
         self._outcome = array("b")
         self._itl_histogram = ItlHistogram()
         self._exact: array | None = array("d")
@@ -510,21 +531,18 @@ class CellAccumulator:
         """The request's values (REQUEST_COLUMNS order) into the summary columns and the ITL gaps; returns them."""
         values, gaps = _record_values(req, self.engine, self.concurrency, self.request_rate, client_id,
                                       self.keep_token_times)
-        c = self._columns  # _SUMMARY_INPUTS, spelled out as this runs per request
+        c = self._columns  # _STORED_INDEX, spelled out as this runs per request
         c[0].append(values[7])  # arrival_s
         c[1].append(values[8])  # first_scheduled_s
-        c[2].append(values[10])  # finish_s
-        c[3].append(values[11])  # prompt_tokens
-        c[4].append(values[12])  # output_tokens
-        c[5].append(values[14])  # cached_prompt_tokens
-        c[6].append(values[15])  # preemptions
-        c[7].append(values[16])  # queue_ms
-        c[8].append(values[17])  # ttft_ms
-        c[9].append(values[18])  # tpot_ms
-        c[10].append(values[19])  # e2el_ms
-        c[11].append(values[20])  # itl_count
-        c[12].append(values[21])  # itl_sum_ms
-        c[13].append(values[23])  # itl_max_ms
+        c[2].append(values[9])  # first_token_s
+        c[3].append(values[10])  # finish_s
+        c[4].append(values[21])  # itl_sum_ms
+        c[5].append(values[23])  # itl_max_ms
+        c[6].append(values[11])  # prompt_tokens
+        c[7].append(values[12])  # output_tokens
+        c[8].append(values[14])  # cached_prompt_tokens
+        c[9].append(values[15])  # preemptions
+        c[10].append(values[20])  # itl_count
         code = _OUTCOME_CODE[values[5]]
         self._outcome.append(code)
         if code == 0 and gaps is not None:
@@ -586,7 +604,9 @@ class CellAccumulator:
     def summary(self, *, slo: SLO | None = None, duration: float | None = None) -> dict:
         """The cell's summary: the same numbers summarize() gives over all its rows."""
         self._bin_pending()
-        cols = {k: np.frombuffer(v, dtype=float) if len(v) else np.empty(0) for k, v in self._cols.items()}
+        stored = {k: (np.frombuffer(v, dtype=float) if v.typecode == "d" else np.frombuffer(v, dtype=np.intc)
+                      .astype(float)) if len(v) else np.empty(0) for k, v in self._cols.items()}
+        cols = _latency_columns(stored)
         outcome = np.frombuffer(self._outcome, dtype=np.int8) if len(self._outcome) else np.empty(0, np.int8)
         itl = np.frombuffer(self._exact, dtype=float) if self._exact is not None and len(self._exact) \
             else (np.empty(0) if self._exact is not None else self.itl_histogram)
