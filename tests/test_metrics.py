@@ -255,26 +255,3 @@ def test_cell_labels_and_empty_summary():
     assert cell_label("x") == "x@trace"
     s = summarize(pd.DataFrame(columns=list(REQUEST_COLUMNS)))
     assert s["num_requests"] == 0 and math.isnan(s["request_throughput"])
-
-
-@FAST
-@given(st.lists(req_strategy, min_size=1, max_size=25), st.integers(1, 5))
-def test_accumulator_summary_does_not_depend_on_its_storage_blocks(specs, chunk):
-    """The stored columns fill blocks of metrics._CHUNK requests; the summary is the same float for float whatever the size."""
-    import sim.lab.metrics as metrics  # the block size is module state; put back below
-
-    reqs = build(specs)
-    whole = CellAccumulator("e", request_rate=2.0)
-    for r in reqs:
-        whole.add(r)
-    saved, metrics._CHUNK = metrics._CHUNK, chunk
-    try:
-        blocks = CellAccumulator("e", request_rate=2.0)
-        for r in reqs:
-            blocks.add(r)
-    finally:
-        metrics._CHUNK = saved
-    a, b = whole.summary(), blocks.summary()
-    assert a.keys() == b.keys()
-    for k, v in a.items():
-        assert (isinstance(v, float) and math.isnan(v) and math.isnan(b[k])) or b[k] == v, k

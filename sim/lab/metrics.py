@@ -296,15 +296,6 @@ if tuple(REQUEST_COLUMNS[i] for i in _STORED_INDEX) != _STORED_FLOATS + _STORED_
     raise AssertionError("_STORED_INDEX does not match _STORED_FLOATS + _STORED_INTS in REQUEST_COLUMNS")
 
 
-_CHUNK = 1 << 16  # requests per block of stored columns: a block never grows past it, so growing the columns
-# never copies them (one array of a million values, reallocated as it grows, left the heap ~2x its size)
-
-
-def _new_columns() -> tuple[array, ...]:
-    """Empty stored columns, _STORED_INDEX order: doubles, then C ints."""
-    return tuple(array("d") for _ in _STORED_FLOATS) + tuple(array("i") for _ in _STORED_INTS)
-
-
 def _latency_columns(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The _SUMMARY_INPUTS columns from the stored ones: _record_values' latency arithmetic, elementwise.
 
@@ -502,8 +493,8 @@ class CellAccumulator:
         self.values_sink = values_sink  # takes rows as value lists in REQUEST_COLUMNS order (no dict per row)
         self.rows: list[dict] = []
         self._values: list[list] = []
-        self._chunks: list[tuple[array, ...]] = []  # full blocks of _CHUNK requests' stored columns
-        self._columns = _new_columns()  # the block being filled, in _STORED_INDEX order (see _take)
+        self._cols = {**{k: array("d") for k in _STORED_FLOATS}, **{k: array("i") for k in _STORED_INTS}}
+        self._columns = tuple(self._cols.values())  # in _STORED_INDEX order (see _take)
         self._outcome = array("b")
         self._itl_histogram = ItlHistogram()
         self._exact: array | None = array("d")
@@ -552,9 +543,6 @@ class CellAccumulator:
         c[8].append(values[14])  # cached_prompt_tokens
         c[9].append(values[15])  # preemptions
         c[10].append(values[20])  # itl_count
-        if len(c[0]) >= _CHUNK:
-            self._chunks.append(c)
-            self._columns = _new_columns()
         code = _OUTCOME_CODE[values[5]]
         self._outcome.append(code)
         if code == 0 and gaps is not None:
@@ -616,12 +604,10 @@ class CellAccumulator:
     def summary(self, *, slo: SLO | None = None, duration: float | None = None) -> dict:
         """The cell's summary: the same numbers summarize() gives over all its rows."""
         self._bin_pending()
-        blocks = [*self._chunks, self._columns]
-        stored = {}
-        for j, k in enumerate(_STORED_FLOATS + _STORED_INTS):
-            parts = [np.frombuffer(b[j], dtype=float if b[j].typecode == "d" else np.intc) for b in blocks if len(b[j])]
-            # Counts stay C ints (half the memory of a million-request summary): their sums are exact either way.
-            stored[k] = np.concatenate(parts) if parts else np.empty(0)
+        # Views of the stored arrays, no copies (a million-request summary is the run's peak memory); counts stay
+        # C ints, whose sums and means are exact either way.
+        stored = {k: np.frombuffer(v, dtype=float if v.typecode == "d" else np.intc) if len(v) else np.empty(0)
+                  for k, v in self._cols.items()}
         cols = _latency_columns(stored)
         outcome = np.frombuffer(self._outcome, dtype=np.int8) if len(self._outcome) else np.empty(0, np.int8)
         itl = np.frombuffer(self._exact, dtype=float) if self._exact is not None and len(self._exact) \
