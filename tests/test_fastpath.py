@@ -22,6 +22,8 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 
+from reference.batch import StepShape
+from reference.config import get_preset
 from reference.errors import ConfigError
 from reference.request import Outcome, Request, SamplingParams, Status
 from reference.schedulers import (
@@ -38,6 +40,7 @@ from sim.core.fast import (
 )
 from sim.core.fast.pool import HybridPool
 from sim.core.replica import SIM_TOKEN
+from sim.core.roofline import RooflineCostModel
 from sim.lab.experiment import load_experiment
 from sim.lab.metrics import CellAccumulator
 from sim.lab.simulate import run_experiment, simulate_cell
@@ -401,3 +404,16 @@ def test_prompts_are_drawn_only_where_caching_could_hit():
     drawn = [r for r in seen if r._prompt is not None]
     assert all(r.unique_from is None for r in drawn)
     assert len(drawn) < len(seen) / 10
+
+
+@examples(300)
+@given(st.integers(0, 8192), st.integers(0, 1024), st.integers(0, 8), st.integers(0, 10 ** 8),
+       st.integers(0, 10 ** 11), st.sampled_from(["h100-sxm", "a100-80gb", "rtx-4090"]), st.sampled_from([1, 2]))
+def test_roofline_step_seconds_is_step_time_total(prefill, decodes, prefill_seqs, kv, pairs, hardware, tp):
+    """The simulator prices steps with step_seconds, which skips the StepCost: the same float as step_time's total."""
+    try:
+        cm = RooflineCostModel(get_preset("llama-3.1-8b"), hardware, tp=tp)
+    except ConfigError:
+        return  # no interconnect for tensor parallelism on this card
+    shape = StepShape(prefill, decodes, prefill_seqs, kv, pairs)
+    assert cm.step_seconds(shape) == cm.step_time(shape).total_s

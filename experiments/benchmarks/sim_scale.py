@@ -19,7 +19,8 @@ CPU second and per wall second. The machine may be shared: the load average is p
 after, and CPU seconds are the fairer figure. --identical N runs `servesim run`'s path
 (run_experiment) with both implementations on N requests and compares requests.csv, summary.json,
 timeseries.csv and itl_histograms.json byte for byte. --profile prints the fast path's cProfile
-top entries.
+top entries from a separate run of --profile-requests (cProfile slows this code ~2.5x, so the
+measured runs are never profiled).
 
     python experiments/benchmarks/sim_scale.py                       # everything (~10 min)
     python experiments/benchmarks/sim_scale.py --scenarios sharegpt --requests 100000 --identical 0
@@ -129,7 +130,7 @@ def measure(scenario: str, implementation: str, n: int, checkpoints: int = 10, p
         facts.pop("timeseries")
         summary = writer.finish_cell(acc, extra=facts)
     if prof:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(profile)
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(profile)
     return dict(scenario=scenario, implementation=implementation, requests=n, wall_s=wall, cpu_s=cpu,
                 sim_s=facts["sim_time_s"], steps=facts["num_steps"], preemptions=facts["preemptions"],
                 completed=summary["completed"], peak_rss_mb=rss_mb()[1], rss_checkpoints=state["rss"])
@@ -138,8 +139,10 @@ def measure(scenario: str, implementation: str, n: int, checkpoints: int = 10, p
 def measure_in_child(scenario: str, implementation: str, n: int, profile: int = 0) -> dict:
     """measure() in a fresh interpreter, so its peak RSS is its own."""
     cmd = [sys.executable, __file__, "--child", scenario, implementation, str(n), "--profile", str(profile)]
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()
+    if profile:
+        print("\n".join(out[:-1]), flush=True)  # the profile, so it lands in the saved output
+    return json.loads(out[-1])
 
 
 def identical(scenario: str, n: int) -> dict[str, bool]:
@@ -165,7 +168,8 @@ def main() -> None:
     ap.add_argument("--burst-requests", type=int, default=200_000, help="fast path, burst scenarios")
     ap.add_argument("--teaching-requests", type=int, default=20_000, help="teaching path (0: skip it)")
     ap.add_argument("--identical", type=int, default=20_000, help="requests of the byte-identity check (0: skip)")
-    ap.add_argument("--profile", type=int, default=0, help="print this many cProfile entries of each fast run")
+    ap.add_argument("--profile", type=int, default=0, help="print this many cProfile entries of a fast run per scenario")
+    ap.add_argument("--profile-requests", type=int, default=50_000, help="requests of that profiled run")
     ap.add_argument("--child", nargs=3, metavar=("SCENARIO", "IMPLEMENTATION", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -180,8 +184,12 @@ def main() -> None:
     results = []
     for scenario in scenarios:
         n = args.burst_requests if scenario.startswith("burst") else args.requests
-        fast = measure_in_child(scenario, "fast", n, args.profile)
+        fast = measure_in_child(scenario, "fast", n)
         results.append(fast)
+        if args.profile:
+            print(f"cProfile of the fast path, {scenario}, {args.profile_requests:,} requests (a separate run; "
+                  f"its timings are not the measured ones), top {args.profile} by own time:", flush=True)
+            measure_in_child(scenario, "fast", min(n, args.profile_requests), args.profile)
         teaching = measure_in_child(scenario, "teaching", args.teaching_requests) if args.teaching_requests else None
         if teaching:
             results.append(teaching)

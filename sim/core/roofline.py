@@ -114,6 +114,19 @@ class RooflineCostModel(CostModel):
             bound,
         )
 
+    def step_seconds(self, batch: StepShape) -> float:
+        """step_time(batch).total_s, the same arithmetic without building the StepCost (priced for every simulated step)."""
+        if type(self).step_time is not RooflineCostModel.step_time:  # a subclass prices steps its own way
+            return self.step_time(batch).total_s
+        new = batch.prefill_tokens + batch.decode_seqs
+        if new == 0:
+            return _zero_cost().total_s
+        seqs = batch.prefill_seqs + batch.decode_seqs
+        t_mem = self._t_weights + (batch.kv_read_tokens + new) * self._t_kv_per_token
+        t_c = new * self._t_per_new_token + seqs * self._t_per_seq + batch.attn_q_ctx * self._t_per_pair
+        t_comm = new * self._t_comm_per_token + self._t_comm_fixed
+        return (t_mem if t_mem >= t_c else t_c) + t_comm + self.step_overhead_s
+
     def describe(self) -> dict:
         return {"kind": "roofline", "model": self.model_cfg.name, "hardware": self.hardware.name,
                 "weight_format": self.physics.weight_format.name, "kv_dtype": self.physics.kv_dtype.name,

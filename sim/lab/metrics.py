@@ -119,10 +119,17 @@ def request_record(req: Request, *, engine: str, concurrency: int | None = None,
 
 def _record_and_gaps(req: Request, *, engine: str, concurrency: int | None, request_rate: float | None,
                      client_id: int | None, keep_token_times: bool) -> tuple[dict, np.ndarray | None]:
-    """request_record's row, and the request's inter-token gaps (ms; None with fewer than 2 tokens).
+    """request_record's row, and the request's inter-token gaps (ms; None with fewer than 2 tokens)."""
+    values, gaps = _record_values(req, engine, concurrency, request_rate, client_id, keep_token_times)
+    return dict(zip(REQUEST_COLUMNS, values)), gaps
 
-    Runs once per simulated request (a million times in a large run), so it reads the fields once
-    and inlines _ms; the arithmetic is the same, operation for operation.
+
+def _record_values(req: Request, engine: str, concurrency: int | None, request_rate: float | None,
+                   client_id: int | None, keep_token_times: bool) -> tuple[list, np.ndarray | None]:
+    """request_record's values in REQUEST_COLUMNS order, and the inter-token gaps (ms; None with < 2 tokens).
+
+    Runs once per simulated request (a million times in a large run), so it reads the fields once,
+    inlines _ms and builds a list, not a dict; the arithmetic is the same, operation for operation.
     """
     out = len(req.output_token_ids)
     arrival = req.arrival_time
@@ -133,43 +140,28 @@ def _record_and_gaps(req: Request, *, engine: str, concurrency: int | None, requ
         ttft = NAN if first_token is None else (first_token - arrival) * 1e3
         e2el = NAN if finish is None else (finish - arrival) * 1e3
         queue = NAN if scheduled is None else (scheduled - arrival) * 1e3
-    tpot = (e2el - ttft) / (out - 1) if out > 1 and not (math.isnan(e2el) or math.isnan(ttft)) else NAN
+    tpot = (e2el - ttft) / (out - 1) if out > 1 and e2el == e2el and ttft == ttft else NAN  # noqa: PLR0124 (NaN)
     tt = req.token_times
     if len(tt) > 1:
-        t = np.array(tt, dtype=float)
-        gaps = (t[1:] - t[:-1]) * 1e3  # np.diff(t) * 1e3
+        t = np.frombuffer(tt) if tt.__class__ is array and tt.typecode == "d" else np.array(tt, dtype=float)
+        gaps = t[1:] - t[:-1]  # np.diff(t) * 1e3
+        gaps *= 1e3
         itl_count, itl_sum, itl_max = len(gaps), float(gaps.sum()), float(gaps.max())
+        itl_mean = itl_sum / itl_count
     else:
         gaps = None
-        itl_count, itl_sum, itl_max = 0, 0.0, NAN
-    row = {
-        "engine": engine,
-        "concurrency": concurrency,
-        "request_rate": NAN if request_rate is None else float(request_rate),
-        "request_id": req.request_id,
-        "client_id": client_id,
-        "outcome": req.outcome.value if req.outcome is not None else "unfinished",
-        "reason": req.reason,
-        "arrival_s": arrival,
-        "first_scheduled_s": NAN if scheduled is None else scheduled,
-        "first_token_s": NAN if first_token is None else first_token,
-        "finish_s": NAN if finish is None else finish,
-        "prompt_tokens": req.num_prompt_tokens,
-        "output_tokens": out,
-        "max_tokens": req.sampling.max_tokens,
-        "cached_prompt_tokens": req.num_cached_prompt_tokens,
-        "preemptions": req.num_preemptions,
-        "queue_ms": queue,
-        "ttft_ms": ttft,
-        "tpot_ms": tpot,
-        "e2el_ms": e2el,
-        "itl_count": itl_count,
-        "itl_sum_ms": itl_sum,
-        "itl_mean_ms": itl_sum / itl_count if itl_count else NAN,
-        "itl_max_ms": itl_max,
-        "token_times_s": " ".join(repr(float(t)) for t in tt) if keep_token_times else "",
-    }
-    return row, gaps
+        itl_count, itl_sum, itl_max, itl_mean = 0, 0.0, NAN, NAN
+    outcome = req.outcome
+    return [
+        engine, concurrency, NAN if request_rate is None else float(request_rate), req.request_id, client_id,
+        outcome.value if outcome is not None else "unfinished", req.reason,
+        arrival, NAN if scheduled is None else scheduled, NAN if first_token is None else first_token,
+        NAN if finish is None else finish,
+        req.num_prompt_tokens, out, req.sampling.max_tokens, req.num_cached_prompt_tokens, req.num_preemptions,
+        queue, ttft, tpot, e2el,
+        itl_count, itl_sum, itl_mean, itl_max,
+        " ".join(repr(float(t)) for t in tt) if keep_token_times else "",
+    ], gaps
 
 
 def _token_gaps_ms(token_times_s: str) -> np.ndarray:
@@ -294,7 +286,31 @@ class ItlHistogram:
 
 _SUMMARY_INPUTS = ("arrival_s", "first_scheduled_s", "finish_s", "prompt_tokens", "output_tokens",
                    "cached_prompt_tokens", "preemptions", "queue_ms", "ttft_ms", "tpot_ms", "e2el_ms",
-                   "itl_count", "itl_sum_ms", "itl_max_ms")  # CellAccumulator._append_columns spells these out
+                   "itl_count", "itl_sum_ms", "itl_max_ms")
+# What CellAccumulator stores per request (69 bytes): these floats, these ints (C int), and the outcome code; the
+# latencies (queue, TTFT, TPOT, E2EL) are recomputed at summary time with the same float operations.
+_STORED_FLOATS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "itl_sum_ms", "itl_max_ms")
+_STORED_INTS = ("prompt_tokens", "output_tokens", "cached_prompt_tokens", "preemptions", "itl_count")
+_STORED_INDEX = (7, 8, 9, 10, 21, 23, 11, 12, 14, 15, 20)  # their places in REQUEST_COLUMNS (CellAccumulator._take)
+if tuple(REQUEST_COLUMNS[i] for i in _STORED_INDEX) != _STORED_FLOATS + _STORED_INTS:
+    raise AssertionError("_STORED_INDEX does not match _STORED_FLOATS + _STORED_INTS in REQUEST_COLUMNS")
+
+
+def _latency_columns(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The _SUMMARY_INPUTS columns from the stored ones: _record_values' latency arithmetic, elementwise.
+
+    IEEE operations are the same in numpy as in Python ((b - a) * 1e3, then / (out - 1)), so each
+    value is the very float the row holds; NaN in, NaN out, as the row's None -> NaN rules give.
+    """
+    arrival, out = stored["arrival_s"], stored["output_tokens"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ttft = (stored["first_token_s"] - arrival) * 1e3
+        e2el = (stored["finish_s"] - arrival) * 1e3
+        tpot = np.where(out > 1, (e2el - ttft) / (out - 1), NAN)
+        queue = (stored["first_scheduled_s"] - arrival) * 1e3
+    cols = {k: v for k, v in stored.items() if k in _SUMMARY_INPUTS}
+    cols.update(queue_ms=queue, ttft_ms=ttft, tpot_ms=tpot, e2el_ms=e2el)
+    return cols
 
 
 def _stats(prefix: str, x: np.ndarray, out: dict) -> None:
@@ -457,10 +473,10 @@ def cell_label(engine: str | None, concurrency: int | None = None, request_rate:
 # Cell accumulator: per-request rows out, compact summary state in
 
 class CellAccumulator:
-    """Collects one cell's finished requests: a row each, plus what the summary needs (8 bytes a column).
+    """Collects one cell's finished requests: a row each, plus what the summary needs (69 bytes a request).
 
-    Rows go to row_sink in chunks of sink_every (the ResultsWriter appends them to
-    requests.csv) or, without a sink, stay in `rows`. Pooled ITL gaps of completed
+    Rows go to row_sink in chunks of sink_every, or as value lists (REQUEST_COLUMNS order) to
+    values_sink (the ResultsWriter appends them to requests.csv), or, without a sink, stay in `rows`. Pooled ITL gaps of completed
     requests go to an ItlHistogram, and are also kept exactly until exact_itl_limit gaps.
     """
 
@@ -468,14 +484,17 @@ class CellAccumulator:
 
     def __init__(self, engine: str, concurrency: int | None = None, request_rate: float | None = None, *,
                  keep_token_times: bool = False, exact_itl_limit: int = 1_000_000,
-                 row_sink: Callable[[list[dict]], None] | None = None, sink_every: int = 10_000):
+                 row_sink: Callable[[list[dict]], None] | None = None, sink_every: int = 10_000,
+                 values_sink: Callable[[list[list]], None] | None = None):
         self.engine, self.concurrency, self.request_rate = engine, concurrency, request_rate
         self.keep_token_times = keep_token_times
         self.exact_itl_limit = exact_itl_limit
         self.row_sink, self.sink_every = row_sink, sink_every
+        self.values_sink = values_sink  # takes rows as value lists in REQUEST_COLUMNS order (no dict per row)
         self.rows: list[dict] = []
-        self._cols = {k: array("d") for k in _SUMMARY_INPUTS}
-        self._columns = tuple(self._cols.values())  # in _SUMMARY_INPUTS order (see _append_columns)
+        self._values: list[list] = []
+        self._cols = {**{k: array("d") for k in _STORED_FLOATS}, **{k: array("i") for k in _STORED_INTS}}
+        self._columns = tuple(self._cols.values())  # in _STORED_INDEX order (see _take)
         self._outcome = array("b")
         self._itl_histogram = ItlHistogram()
         self._exact: array | None = array("d")
@@ -498,39 +517,51 @@ class CellAccumulator:
 
     def add(self, req: Request, client_id: int | None = None) -> dict:
         """Record a request (normally a finished one); returns its row."""
-        row, gaps = _record_and_gaps(req, engine=self.engine, concurrency=self.concurrency,
-                                     request_rate=self.request_rate, client_id=client_id,
-                                     keep_token_times=self.keep_token_times)
-        self._append_columns(row)
-        code = _OUTCOME_CODE[row["outcome"]]
+        values = self._take(req, client_id)
+        row = dict(zip(REQUEST_COLUMNS, values))
+        self._buffer(row, values)
+        return row
+
+    def record(self, req: Request, client_id: int | None = None) -> None:
+        """add() without building the row dict when a CSV sink takes the values (the simulator's per-request path)."""
+        values = self._take(req, client_id)
+        self._buffer(dict(zip(REQUEST_COLUMNS, values)) if self.values_sink is None else None, values)
+
+    def _take(self, req: Request, client_id: int | None) -> list:
+        """The request's values (REQUEST_COLUMNS order) into the summary columns and the ITL gaps; returns them."""
+        values, gaps = _record_values(req, self.engine, self.concurrency, self.request_rate, client_id,
+                                      self.keep_token_times)
+        c = self._columns  # _STORED_INDEX, spelled out as this runs per request
+        c[0].append(values[7])  # arrival_s
+        c[1].append(values[8])  # first_scheduled_s
+        c[2].append(values[9])  # first_token_s
+        c[3].append(values[10])  # finish_s
+        c[4].append(values[21])  # itl_sum_ms
+        c[5].append(values[23])  # itl_max_ms
+        c[6].append(values[11])  # prompt_tokens
+        c[7].append(values[12])  # output_tokens
+        c[8].append(values[14])  # cached_prompt_tokens
+        c[9].append(values[15])  # preemptions
+        c[10].append(values[20])  # itl_count
+        code = _OUTCOME_CODE[values[5]]
         self._outcome.append(code)
         if code == 0 and gaps is not None:
             self._pending_gaps.append(gaps)
             self._pending_count += gaps.size
             if self._pending_count >= self.PENDING_GAPS:
                 self._bin_pending()
+        return values
+
+    def _buffer(self, row: dict | None, values: list) -> None:
+        """Keep the row for the sink (as values when values_sink takes them) or for `rows`."""
+        if self.values_sink is not None:
+            self._values.append(values)
+            if len(self._values) >= self.sink_every:
+                self.flush()
+            return
         self.rows.append(row)
         if self.row_sink is not None and len(self.rows) >= self.sink_every:
             self.flush()
-        return row
-
-    def _append_columns(self, row: dict) -> None:
-        """The summary's inputs (_SUMMARY_INPUTS) of one row (array("d") stores them as floats); spelled out, as this runs per request."""
-        c = self._columns
-        c[0].append(row["arrival_s"])
-        c[1].append(row["first_scheduled_s"])
-        c[2].append(row["finish_s"])
-        c[3].append(row["prompt_tokens"])
-        c[4].append(row["output_tokens"])
-        c[5].append(row["cached_prompt_tokens"])
-        c[6].append(row["preemptions"])
-        c[7].append(row["queue_ms"])
-        c[8].append(row["ttft_ms"])
-        c[9].append(row["tpot_ms"])
-        c[10].append(row["e2el_ms"])
-        c[11].append(row["itl_count"])
-        c[12].append(row["itl_sum_ms"])
-        c[13].append(row["itl_max_ms"])
 
     def _bin_pending(self) -> None:
         """Add the pending gaps to the histogram (and to the exact list while it lasts), in arrival order."""
@@ -553,13 +584,16 @@ class CellAccumulator:
 
     def flush(self) -> None:
         """Hand buffered rows to the sink (no-op without one)."""
+        if self.values_sink is not None and self._values:
+            self.values_sink(self._values)
+            self._values = []
         if self.row_sink is not None and self.rows:
             self.row_sink(self.rows)
             self.rows = []
 
     def records_df(self) -> pd.DataFrame:
         """The rows still held (all of them when there is no sink)."""
-        return records_frame(self.rows)
+        return records_frame(self.rows + [dict(zip(REQUEST_COLUMNS, v)) for v in self._values])
 
     @property
     def itl_exact(self) -> bool:
@@ -570,7 +604,11 @@ class CellAccumulator:
     def summary(self, *, slo: SLO | None = None, duration: float | None = None) -> dict:
         """The cell's summary: the same numbers summarize() gives over all its rows."""
         self._bin_pending()
-        cols = {k: np.frombuffer(v, dtype=float) if len(v) else np.empty(0) for k, v in self._cols.items()}
+        # Views of the stored arrays, no copies (a million-request summary is the run's peak memory); counts stay
+        # C ints, whose sums and means are exact either way.
+        stored = {k: np.frombuffer(v, dtype=float if v.typecode == "d" else np.intc) if len(v) else np.empty(0)
+                  for k, v in self._cols.items()}
+        cols = _latency_columns(stored)
         outcome = np.frombuffer(self._outcome, dtype=np.int8) if len(self._outcome) else np.empty(0, np.int8)
         itl = np.frombuffer(self._exact, dtype=float) if self._exact is not None and len(self._exact) \
             else (np.empty(0) if self._exact is not None else self.itl_histogram)
@@ -608,10 +646,12 @@ def _csv_value(v):
 _row_values = operator.itemgetter(*REQUEST_COLUMNS)
 
 
-def _csv_row(row: dict) -> list:
-    """[_csv_value(row[c]) for c in REQUEST_COLUMNS], inlined: ResultsWriter runs it for every request."""
-    return ["" if v is None else (("" if v != v else repr(v)) if isinstance(v, float) else v)  # noqa: PLR0124 (NaN)
-            for v in _row_values(row)]
+def _csv_row(values: Sequence) -> list:
+    """[_csv_value(v) for v in values], inlined: ResultsWriter runs it for every request.
+
+    Only NaN needs replacing: the csv module writes None as "" and a float as its repr, in C.
+    """
+    return ["" if v != v else v for v in values]  # noqa: PLR0124 (v != v: NaN)
 
 
 def _jsonable(v):
@@ -712,6 +752,10 @@ class ResultsWriter:
 
     def append_rows(self, rows: Sequence[dict]) -> None:
         """Append rows to requests.csv (header first if new) and fsync."""
+        self.append_values([_row_values(r) for r in rows])
+
+    def append_values(self, rows: Sequence[Sequence]) -> None:
+        """Append rows given as values in REQUEST_COLUMNS order to requests.csv (header first if new) and fsync."""
         new = not self.requests_path.exists() or self.requests_path.stat().st_size == 0
         with open(self.requests_path, "a", newline="") as f:
             w = csv.writer(f)
@@ -725,7 +769,7 @@ class ResultsWriter:
                    keep_token_times: bool = False, exact_itl_limit: int = 1_000_000) -> CellAccumulator:
         """An accumulator whose rows stream into requests.csv."""
         return CellAccumulator(engine, concurrency, request_rate, keep_token_times=keep_token_times,
-                               exact_itl_limit=exact_itl_limit, row_sink=self.append_rows)
+                               exact_itl_limit=exact_itl_limit, values_sink=self.append_values)
 
     def finish_cell(self, acc: CellAccumulator, *, slo: SLO | None = None, duration: float | None = None,
                     extra: dict | None = None) -> dict:

@@ -77,8 +77,10 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
     fast = getattr(replicas[0].scheduler, "event_driven", False)
     make_request = _lazy_requests(exp.model_spec.vocab_size) if fast else to_request
 
+    add = getattr(acc, "record", acc.add)  # CellAccumulator.record skips the row dict; a stand-in may only have add
+
     def record(req: Request, client: int | None) -> None:
-        acc.add(req, client)
+        add(req, client)
         if on_request:
             on_request(req)
 

@@ -42,6 +42,7 @@ from reference.request import Request, SamplingParams
 from sim.lab.schema import ConfigModel, Int, Number, Str, finite
 
 BLOCK = 4096  # requests per cached block of sampled lengths
+CLOSED_LOOP_CACHE_BLOCKS = 256  # at most ~25 MB of lengths: the clients' spread (RequestSequence.cache_window)
 
 # Independent random streams, keyed (seed, stream, ...). Never renumber: results depend on them.
 _S_PROMPT, _S_OUTPUT, _S_SHARED, _S_PREFIX_CHOICE, _S_TOKENS, _S_PREFIX_TOKENS, _S_ARRIVALS, _S_THINK = range(1, 9)
@@ -356,6 +357,18 @@ class RequestSequence:
             self._cache.popitem(last=False)
         return out
 
+    def cache_window(self, max_blocks: int, below: int) -> None:
+        """Cache up to max_blocks blocks, and drop those wholly below request index `below` (nobody will ask again).
+
+        A closed-loop run's clients drift apart (their spread in request index grows like the square
+        root of the requests sent), so a fixed handful of blocks thrashes: a block is resampled at
+        each miss (~25,000 misses in 300k requests with 8 blocks, +30 % CPU). Only speed depends on it.
+        """
+        self._cache_blocks = max_blocks
+        low = below // BLOCK
+        while self._cache and min(self._cache) < low:
+            del self._cache[min(self._cache)]
+
     def spec(self, index: int, *, arrival_time: float | None = None, client_id: int | None = None) -> RequestSpec:
         """Request number index (0-based)."""
         if not 0 <= index < len(self):
@@ -461,6 +474,8 @@ class ClosedLoopWorkload:
         self.timeout_s = timeout_s
         self._sent = [0] * self.num_clients
         self._think_rngs: dict[int, np.random.Generator] = {}
+        self._handed_out = 0
+        sequence.cache_window(CLOSED_LOOP_CACHE_BLOCKS, 0)
 
     def requests_for_client(self, client_id: int) -> int:
         """How many requests client_id sends in all."""
@@ -475,6 +490,10 @@ class ClosedLoopWorkload:
         if index >= self.total_requests:
             return None
         self._sent[client_id] += 1
+        self._handed_out += 1
+        if self._handed_out % BLOCK == 0:  # forget the blocks every client has moved past
+            n = self.num_clients
+            self.sequence.cache_window(CLOSED_LOOP_CACHE_BLOCKS, min(c + k * n for c, k in enumerate(self._sent)))
         return self.sequence.spec(index, client_id=client_id)
 
     def think_time_s(self, client_id: int) -> float:

@@ -22,6 +22,7 @@ from reference.request import Request
 from sim.core.replica import SIM_TOKEN
 
 _TRIM_EVERY = 1 << 16  # step times kept before dropping the ones no decoder needs any more
+_COMPACT_SLACK = 1024  # stale heap entries beyond the member count before the heap is rebuilt (amortized O(1))
 
 
 class Decoder:
@@ -59,6 +60,7 @@ class DecodeGroup:
         self.members: dict[int, Decoder] = {}  # id(request) -> its decoder
         self.sum_key = 0
         self._heap: list[tuple[int, int, Decoder]] = []  # (-key, seq, decoder), stale entries dropped lazily
+        self._stale = 0  # an upper bound on the heap's entries of decoders that left
         self._phase_count = [0] * block_size
         self._exact_by_phase: list[dict[int, Decoder]] = [{} for _ in range(block_size)]  # seq -> exact decoder
         self.num_exact = 0
@@ -96,6 +98,12 @@ class DecodeGroup:
             del self._exact_by_phase[d.phase][d.seq]
             self.num_exact -= 1
         self.settle(d)
+        d.req = None  # its stale heap and finish-list entries must not keep the request (and its token times) alive
+        self._stale += 1
+        if self._stale > len(self.members) + _COMPACT_SLACK:
+            self._heap = [e for e in self._heap if e[2].active]
+            heapq.heapify(self._heap)
+            self._stale = len(self._heap) - len(self.members)
         return d
 
     def settle(self, d: Decoder) -> None:
@@ -161,10 +169,6 @@ class DecodeGroup:
         if cut > 0:
             del self.times[:cut]
             self.base = keep_from
-        # Finish lists of decoders that left early (preempted, aborted) and stale heap entries also go.
-        if len(self._heap) > 2 * len(self.members) + 64:
-            self._heap = [e for e in self._heap if e[2].active]
-            heapq.heapify(self._heap)
 
 
 def _by_seq(d: Decoder) -> int:
