@@ -17,7 +17,7 @@ aiohttp = pytest.importorskip("aiohttp")
 
 from reference.model import init_params  # noqa: E402
 from sim.lab.server import ServerLimits, create_app  # noqa: E402
-from tests.server_harness import EXP, MODEL, PAGED_BUCKETS, metrics, prompt_ids, serving, wait_idle  # noqa: E402
+from tests.server_harness import EXP, MODEL, PAGED_BUCKETS, prompt_ids, serving, wait_idle  # noqa: E402
 
 KEY = "sk-test-key"
 ALIAS = "llama3.1:8b"

@@ -115,7 +115,7 @@ def cell_metrics(samples: list[tuple[float, dict[str, float]]]) -> dict[str, flo
     """
     if not samples:
         return {}
-    (t0, first), (t1, last) = samples[0], samples[-1]
+    first, last = samples[0][1], samples[-1][1]
     out: dict[str, float] = {}
     for name in COUNTERS:
         if name in first and name in last:
