@@ -123,9 +123,15 @@ class StepShape:
         return cls.from_chunks([(tokens, cached + tokens)] * seqs if tokens else [])
 
     @classmethod
-    def from_chunks(cls, chunks: Iterable[tuple[int, int]]) -> StepShape:
-        """From (num_new_tokens, context_len_after_step) per chunk."""
-        p_tok = d_seq = p_seq = kv = qc = d_max = p_max = 0
+    def from_chunks(cls, chunks: Iterable[tuple[int, int]], decodes: tuple[int, int, int] = (0, 0, 0)) -> StepShape:
+        """From (num_new_tokens, context_len_after_step) per chunk.
+
+        decodes: more one-token chunks given as aggregates (count, sum of their contexts after the step,
+        the longest), for a caller that tracks decoders as a group (the simulator's fast path).
+        """
+        d_seq, kv, d_max = decodes
+        qc = kv
+        p_tok = p_seq = p_max = 0
         for n, ctx in chunks:  # hot path (once per simulated step): plain ints, no properties
             if n <= 0 or ctx < n:
                 raise ConfigError("chunk", f"need 0 < num_new_tokens <= context_len_after_step, got ({n}, {ctx})")

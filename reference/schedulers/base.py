@@ -16,7 +16,26 @@ from reference.layout import KVUsage, Layout
 from reference.request import Outcome, Request, Status
 
 
-class Scheduler:
+class QueueCounts:
+    """What a driver reads of any scheduler's `waiting` queue and `running` collection (the teaching
+    schedulers here, and the simulator's event-driven twins of them)."""
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued, including preempted ones waiting to recompute."""
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding KV and being computed."""
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        """True while any request is queued or running."""
+        return bool(self.waiting or self.running)
+
+
+class Scheduler(QueueCounts):
     """Shared state: a FCFS wait queue, the running list, finishing and aborting."""
 
     layout: Layout  # the KV layout this scheduler fills; the runner allocates the same object
@@ -62,20 +81,6 @@ class Scheduler:
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------
-    @property
-    def num_waiting(self) -> int:
-        """Requests queued, including preempted ones waiting to recompute."""
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        """Requests holding KV and being computed."""
-        return len(self.running)
-
-    def has_unfinished(self) -> bool:
-        """True while any request is queued or running."""
-        return bool(self.waiting or self.running)
-
     def update(self, out: SchedulerOutput, tokens: list[int], now: float) -> list[Request]:
         """Apply a finished step: advance each chunk, append the sampled tokens, finish what is done.
 

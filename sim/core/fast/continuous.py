@@ -26,13 +26,14 @@ from collections import deque
 from reference.errors import ConfigError
 from reference.layout import KVUsage, PagedLayout
 from reference.request import Outcome, Request, Status
+from reference.schedulers.base import QueueCounts
 from reference.schedulers.continuous import ContinuousScheduler
 from sim.core.fast.decode_group import SIM_TOKEN, DecodeGroup
 from sim.core.fast.pool import ALL_BLOCKS, Holding, HybridPool
 from sim.core.fast.step import FastStep, empty_step, step_shape
 
 
-class FastContinuousScheduler:
+class FastContinuousScheduler(QueueCounts):
     """Continuous batching over a paged pool, event-driven; decision-identical to ContinuousScheduler."""
 
     event_driven = True  # the replica feeds it update(step, None, now): every generated token is SIM_TOKEN
@@ -72,20 +73,6 @@ class FastContinuousScheduler:
                    s.max_model_len, s.enable_chunked_prefill, s.blocks.enable_prefix_caching, s.max_queue)
 
     # ---- the Scheduler interface ---------------------------------------------------------------
-    @property
-    def num_waiting(self) -> int:
-        """Requests queued, including preempted ones."""
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        """Requests holding KV."""
-        return len(self.running)
-
-    def has_unfinished(self) -> bool:
-        """True while any request is queued or running."""
-        return bool(self.waiting or self.running)
-
     def describe(self) -> str:
         """As the teaching scheduler says it."""
         return self._describe

@@ -13,12 +13,13 @@ from collections import deque
 
 from reference.layout import KVUsage, SlotLayout
 from reference.request import Outcome, Request, Status
+from reference.schedulers.base import QueueCounts
 from reference.schedulers.sequential import SequentialScheduler
 from sim.core.fast.decode_group import SIM_TOKEN, DecodeGroup
 from sim.core.fast.step import FastStep, empty_step, step_shape
 
 
-class FastSequentialScheduler:
+class FastSequentialScheduler(QueueCounts):
     """Ollama / llama.cpp slots, event-driven; decision-identical to SequentialScheduler."""
 
     event_driven = True  # the replica feeds it update(step, None, now): every generated token is SIM_TOKEN
@@ -42,20 +43,6 @@ class FastSequentialScheduler:
     def like(cls, s: SequentialScheduler) -> FastSequentialScheduler:
         """The fast twin of a (fresh) teaching scheduler, same configuration."""
         return cls(s.layout.num_slots, s.layout.max_len, s.max_queue, s.n_batch)
-
-    @property
-    def num_waiting(self) -> int:
-        """Requests queued for a slot."""
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        """Requests in a slot."""
-        return len(self.running)
-
-    def has_unfinished(self) -> bool:
-        """True while any request is queued or running."""
-        return bool(self.waiting or self.running)
 
     def describe(self) -> str:
         """As the teaching scheduler says it."""

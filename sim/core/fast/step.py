@@ -48,21 +48,5 @@ def step_shape(num_decodes: int, decode_context_sum: int, decode_max_context: in
     num_decodes one-token chunks whose contexts after the step sum to decode_context_sum, the
     longest decode_max_context; specials as (request, start, num_tokens).
     """
-    p_tok = p_seq = p_max = 0
-    kv = qc = decode_context_sum
-    d_seq, d_max = num_decodes, decode_max_context
-    for _, start, n in specials:
-        ctx = start + n
-        kv += ctx
-        if n == 1:
-            d_seq += 1
-            qc += ctx
-            if ctx > d_max:
-                d_max = ctx
-        else:
-            p_tok += n
-            p_seq += 1
-            qc += n * (ctx - n) + n * (n + 1) // 2
-            if ctx > p_max:
-                p_max = ctx
-    return StepShape(p_tok, d_seq, p_seq, kv, qc, d_max, p_max)
+    return StepShape.from_chunks([(n, start + n) for _, start, n in specials],
+                                 (num_decodes, decode_context_sum, decode_max_context))
