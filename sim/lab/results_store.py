@@ -17,11 +17,11 @@ import re
 import shutil
 from pathlib import Path
 
-import pandas as pd
 
 from sim.lab.cell_tasks import CellFiles
 from sim.lab.experiment import Cell, Experiment
 from sim.lab.metrics import ResultsWriter, write_json_atomic
+from sim.lab.simulate import keep_series_of_done_cells
 
 STAGING = ".cells"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
@@ -58,7 +58,7 @@ class ResultsStore:
         if not resume:
             self.series_path.unlink(missing_ok=True)
             shutil.rmtree(self.staging, ignore_errors=True)
-        _keep_series_of(self.series_path, {c.label for k, c in self._cells.items() if k in self.committed})
+        keep_series_of_done_cells(self.series_path, {c.label for k, c in self._cells.items() if k in self.committed})
         self.waiting: dict[tuple, CellFiles] = self._load_staged()
         self._cursor = 0
         self.commit_ready()
@@ -158,15 +158,3 @@ def _append_csv(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _keep_series_of(path: Path, done: set[str]) -> None:
-    """Drop time-series rows of cells that are not committed (a fresh run, or a cell cut off mid-write)."""
-    if not path.exists():
-        return
-    series = pd.read_csv(path)
-    kept = series[series["cell"].isin(done)] if "cell" in series.columns else series.iloc[0:0]
-    if len(kept) == 0:
-        path.unlink()
-    elif len(kept) < len(series):
-        kept.to_csv(path, index=False)

@@ -207,7 +207,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     (out / "experiment.toml").write_text(exp.to_toml())
     series_path = out / "timeseries.csv"
     cells = [c for c in exp.cells() if not writer.is_done(c.engine, c.concurrency, c.request_rate)]
-    _keep_series_of_done_cells(series_path, {c.label for c in exp.cells()} - {c.label for c in cells})
+    keep_series_of_done_cells(series_path, {c.label for c in exp.cells()} - {c.label for c in cells})
     if len(cells) < len(exp.cells()):
         echo(f"resuming: {len(exp.cells()) - len(cells)} of {len(exp.cells())} cells already done in {out}")
     costs = {e.name: exp.cost_model_for(e) for e in exp.engines}
@@ -226,7 +226,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     return pd.DataFrame(writer.summaries)
 
 
-def _keep_series_of_done_cells(path: Path, done: set[str]) -> None:
+def keep_series_of_done_cells(path: Path, done: set[str]) -> None:
     """Drop time-series rows of cells that are not finished (a fresh run, or a cell cut off mid-run)."""
     if not path.exists():
         return
