@@ -9,7 +9,6 @@ answered done_reason "load" at once.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -25,7 +24,7 @@ from sim.lab.server import schemas
 from sim.lab.server.errors import ApiError
 from sim.lab.server.jobs import Job
 from sim.lab.server.limits import read_body
-from sim.lab.server.state import Disconnected, ServerState, request_id, watch_disconnect
+from sim.lab.server.state import Disconnected, ServerState, answer, request_id
 
 NDJSON = "application/x-ndjson"
 _QUANT = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # GGUF's names for the weight types
@@ -123,31 +122,21 @@ async def _serve(http: HttpRequest, state: ServerState, job: Job, chat: bool) ->
         d.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
         return JSONResponse(dict(d, done=True, done_reason="load"))
     t0 = time.monotonic_ns()
-    queue: asyncio.Queue = asyncio.Queue()
-    subs = state.make_subs(job, request_id("ollama"), queue)
-    watcher = asyncio.create_task(watch_disconnect(http, state, subs, queue))
-    streaming = False
-    try:
-        try:
-            await state.admit(job, subs, queue)
-        except Disconnected:
-            return Response(status_code=499)
-        if job.stream:
-            streaming = True
-            return StreamingResponse(_ndjson(state, job, subs, queue, watcher, chat, t0), media_type=NDJSON)
+
+    async def complete(subs, queue) -> Response:
         text, stats = [], {}
-        try:
-            async for delta, final in _events(state, job, subs, queue, t0):
-                text.append(delta)
-                stats = final or stats
-        except Disconnected:
-            return Response(status_code=499)
+        async for delta, final in _events(state, job, subs, queue, t0):
+            text.append(delta)
+            stats = final or stats
         out = _piece(job, "".join(text), chat)
         out.update(done=True, **stats)
         return JSONResponse(out)
-    finally:
-        if not streaming:
-            state.release(subs, watcher)
+
+    return await answer(
+        http, state, job, request_id("ollama"),
+        lambda subs, queue, watcher: StreamingResponse(_ndjson(state, job, subs, queue, watcher, chat, t0),
+                                                       media_type=NDJSON),
+        complete)
 
 
 async def _events(state: ServerState, job: Job, subs, queue, t0: int):

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sim.lab.server import schemas
 from sim.lab.server.errors import ApiError
 from sim.lab.server.jobs import Job
-from sim.lab.server.state import Disconnected, ServerState, request_id, usage, watch_disconnect
+from sim.lab.server.state import Disconnected, ServerState, answer, request_id, usage
 
 
 def router(state: ServerState) -> APIRouter:
@@ -58,23 +58,12 @@ def _body_schema(model) -> dict:
 async def serve(http: HttpRequest, state: ServerState, job: Job) -> Response:
     """Admit the job's choices, then answer as JSON or SSE."""
     rid = request_id("chatcmpl" if job.chat else "cmpl")
-    queue: asyncio.Queue = asyncio.Queue()
-    subs = state.make_subs(job, rid, queue)
-    watcher = asyncio.create_task(watch_disconnect(http, state, subs, queue))
-    streaming = False
-    try:
-        try:
-            await state.admit(job, subs, queue)
-        except Disconnected:
-            return Response(status_code=499)
-        if job.stream:
-            streaming = True
-            return StreamingResponse(_sse(state, job, subs, queue, rid, watcher), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await _complete(state, job, subs, queue, rid)
-    finally:
-        if not streaming:
-            state.release(subs, watcher)
+    return await answer(
+        http, state, job, rid,
+        lambda subs, queue, watcher: StreamingResponse(_sse(state, job, subs, queue, rid, watcher),
+                                                       media_type="text/event-stream",
+                                                       headers={"Cache-Control": "no-cache"}),
+        lambda subs, queue: _complete(state, job, subs, queue, rid))
 
 
 async def _complete(state: ServerState, job: Job, subs, queue, rid: str) -> Response:
@@ -82,14 +71,11 @@ async def _complete(state: ServerState, job: Job, subs, queue, rid: str) -> Resp
     texts = {s.index: [] for s in subs}
     tokens = {s.index: [] for s in subs}
     finish: dict[int, str] = {}
-    try:
-        async for i, delta, ids, reason in state.choices(job, subs, queue):
-            texts[i].append(delta)
-            tokens[i] += ids
-            if reason is not None:
-                finish[i] = reason
-    except Disconnected:
-        return Response(status_code=499)
+    async for i, delta, ids, reason in state.choices(job, subs, queue):
+        texts[i].append(delta)
+        tokens[i] += ids
+        if reason is not None:
+            finish[i] = reason
     choices = []
     for i in sorted(texts):
         text = "".join(texts[i])

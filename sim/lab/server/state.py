@@ -13,6 +13,7 @@ import time
 import uuid
 
 from fastapi import Request as HttpRequest
+from fastapi.responses import Response
 
 from reference.engine import Engine
 from reference.request import Request, SamplingParams
@@ -167,6 +168,33 @@ async def watch_disconnect(http: HttpRequest, state: ServerState, subs: list[Sub
     if live:
         state.loop.abort(live, "client disconnected")
     queue.put_nowait((None, "disconnect", None))
+
+
+async def answer(http: HttpRequest, state: ServerState, job: Job, rid: str, stream, complete) -> Response:
+    """Admit the job's choices, then answer through stream(subs, queue, watcher) (a streaming response that
+    releases them when it ends) or await complete(subs, queue); 499 when the client left first.
+
+    The one admission path of both APIs: every choice is aborted and the connection watcher stopped
+    however the answer ends, except a stream, which does that itself when it finishes."""
+    queue: asyncio.Queue = asyncio.Queue()
+    subs = state.make_subs(job, rid, queue)
+    watcher = asyncio.create_task(watch_disconnect(http, state, subs, queue))
+    streaming = False
+    try:
+        try:
+            await state.admit(job, subs, queue)
+        except Disconnected:
+            return Response(status_code=499)
+        if job.stream:
+            streaming = True
+            return stream(subs, queue, watcher)
+        try:
+            return await complete(subs, queue)
+        except Disconnected:
+            return Response(status_code=499)
+    finally:
+        if not streaming:
+            state.release(subs, watcher)
 
 
 def usage(job: Job, tokens: dict[int, list[int]]) -> dict:
