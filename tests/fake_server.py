@@ -27,42 +27,61 @@ class _Seq:
         self.queue: asyncio.Queue = asyncio.Queue()
 
 
-class FakeServer:
-    """`with FakeServer() as url:` serves on 127.0.0.1 (a free port) from a background thread."""
+class LoopbackServer:
+    """`with Server() as url:` serves self._conn on 127.0.0.1 (a free port) from a background thread's loop.
+
+    A subclass defines `_conn(reader, writer)`, may start tasks of its own in `_start()` (on the loop),
+    and sets `path`, appended to the base URL it returns."""
+
+    path = ""
 
     def __init__(self):
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.active: list[_Seq] = []
-        self.new: list[_Seq] = []
-        self.steps = 0
-        self._wake: asyncio.Event | None = None
 
     def __enter__(self) -> str:
         self.thread.start()
         self.ready.wait(10)
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def __exit__(self, *exc):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
+    def _start(self) -> None:
+        """Tasks to run beside the connections (none by default)."""
+
     def _serve(self):
         asyncio.set_event_loop(self.loop)
-        self._wake = asyncio.Event()
         server = self.loop.run_until_complete(asyncio.start_server(self._conn, "127.0.0.1", 0))
         self.port = server.sockets[0].getsockname()[1]
-        engine = self.loop.create_task(self._engine())
+        self._start()
         self.ready.set()
         self.loop.run_forever()
-        engine.cancel()
         server.close()
-        tasks = asyncio.all_tasks(self.loop)
+        tasks = asyncio.all_tasks(self.loop)  # connections still open: end them before the loop closes
         for t in tasks:
             t.cancel()
         self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         self.loop.close()
+
+
+class FakeServer(LoopbackServer):
+    """`with FakeServer() as url:` the fake engine behind an OpenAI-style base URL (.../v1)."""
+
+    path = "/v1"
+
+    def __init__(self):
+        super().__init__()
+        self.active: list[_Seq] = []
+        self.new: list[_Seq] = []
+        self.steps = 0
+        self._wake: asyncio.Event | None = None
+
+    def _start(self) -> None:
+        self._wake = asyncio.Event()
+        self.loop.create_task(self._engine())
 
     async def _engine(self):
         while True:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import aiohttp
@@ -19,6 +18,7 @@ from reference.request import Outcome
 from sim.lab.experiment import load_experiment
 from sim.lab.http_bench import StreamingClient, client_session, run_http_bench
 from sim.lab.workload import RequestSpec
+from tests.fake_server import LoopbackServer
 
 EXPERIMENT = """
 name = "keepalive"
@@ -43,39 +43,15 @@ scheduler = "continuous"
 """
 
 
-class DroppingServer:
+class DroppingServer(LoopbackServer):
     """HTTP/1.1 on 127.0.0.1: one answered request per connection, the next one dropped unanswered.
 
     refuse_every: answer every n-th completion with HTTP 503 (0 = never), to see failures reported.
     """
 
     def __init__(self, refuse_every: int = 0):
+        super().__init__()
         self.refuse_every, self.completions, self.dropped = refuse_every, 0, 0
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        self.ready.wait(10)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def _serve(self):
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._conn, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-        server.close()
-        tasks = asyncio.all_tasks(self.loop)  # connections still open: end them before the loop closes
-        for t in tasks:
-            t.cancel()
-        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        self.loop.close()
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         served = 0
