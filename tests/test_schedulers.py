@@ -7,6 +7,7 @@ from reference.errors import ConfigError
 from reference.request import Outcome, Request, SamplingParams, Status
 from reference.schedulers import ContinuousScheduler, OrcaScheduler, SequentialScheduler, StaticScheduler
 from tests.scheduler_harness import expected_output, make_requests, run_to_completion
+from tests.test_peer_schedulers import MODELS as PEER_MODELS
 
 workloads = st.lists(
     st.tuples(st.lists(st.integers(1, 5), min_size=1, max_size=40), st.integers(1, 12)),
@@ -29,6 +30,7 @@ SCHEDULERS = {
                                       reservation="max_model_len", enable_chunked_prefill=False),
     "orca-oracle": lambda: OrcaScheduler(num_blocks=30, block_size=4, max_num_batched_tokens=64, max_model_len=64,
                                          reservation="request", enable_chunked_prefill=False),
+    **PEER_MODELS,  # the real servers' variants (llama-server slots, vLLM V1 admission)
 }
 
 
@@ -47,12 +49,14 @@ def test_every_request_ends_once_with_the_right_tokens(name, specs, when):
             assert req.arrival_time <= req.first_scheduled_time <= req.first_token_time <= req.finish_time
         else:
             assert req.outcome is Outcome.REFUSED and req.reason
-            assert len(prompt) + max_tokens > 52 or "server busy" in req.reason
+            assert len(prompt) + max_tokens > 52 or ("server busy" in req.reason and sched.max_queue)
     assert not sched.running and not sched.waiting
     usage = sched.kv_usage()
     if hasattr(sched, "blocks"):
         assert sched.blocks.num_free_blocks == sched.blocks.num_usable_blocks, "blocks leaked"
         assert usage.reserved_tokens == 0
+    elif hasattr(sched, "free_slots"):
+        assert sorted(sched.free_slots) == list(range(sched.layout.num_slots)), "slots leaked"
 
 
 @settings(max_examples=60, deadline=None)
