@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--drift", type=float, default=5.0,
                     help="largest change of the machine's speed (percent) under which an attempt judges (default 5)")
     args = ap.parse_args(argv)
+    for name, value in (("--bound", args.bound), ("--attempts", args.attempts), ("--drift", args.drift)):
+        if not value > 0:
+            ap.error(f"{name} must be > 0, got {value}")
     judged = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
