@@ -50,6 +50,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from reference.request import Request
+from sim.lab.float_spool import FloatSpool
 from sim.lab.schema import ConfigModel, Number, finite
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -313,94 +314,155 @@ def _latency_columns(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return cols
 
 
-def _stats(prefix: str, x: np.ndarray, out: dict) -> None:
-    x = x[~np.isnan(x)]
-    for name, q in STATS:
-        if x.size == 0:
-            out[f"{name}_{prefix}_ms"] = NAN
-        elif q is None:
-            out[f"{name}_{prefix}_ms"] = float(np.mean(x))
+def _non_nan(x: np.ndarray) -> np.ndarray:
+    return x[~np.isnan(x)]
+
+
+class _SummaryReduction:
+    """What a cell's summary needs, reduced chunk by chunk of its requests (one chunk, or many).
+
+    Counts, integer sums, minima and maxima are exact in any grouping; each float series that is
+    summed or ranked goes to a FloatSpool, which gives numpy's very sum and percentile over the
+    whole series with memory bounded by its memory_limit. So the summary is the same whether the
+    columns come in one piece or in many (tests/test_metrics.py checks it).
+    """
+
+    def __init__(self, slo: SLO | None, memory_limit: int):
+        self.slo = slo if slo is not None and not slo.is_empty else None
+        self.counts = np.zeros(len(OUTCOMES), dtype=np.int64)
+        self.finished = 0  # requests with a finish time
+        self.last_finish = -math.inf
+        self.first_arrival = math.inf  # NaN once any arrival is NaN (as np.min)
+        self.total_in = self.total_out = self.good = self.itl_count = 0
+        self.itl_max = -math.inf
+        self.itl_maxed = 0  # completed requests with an ITL max
+        self.admitted = 0
+        self.admitted_preemptions = self.admitted_prompt = self.admitted_cached = 0.0
+        spool = lambda: FloatSpool(memory_limit)  # noqa: E731
+        self.ttft, self.tpot, self.e2el, self.itl_sum, self.queue, self.norm = (spool() for _ in range(6))
+
+    def add(self, cols: dict[str, np.ndarray], outcome: np.ndarray) -> None:
+        """Reduce one chunk: the _SUMMARY_INPUTS columns and the outcome codes of some requests, in order."""
+        self.counts += np.bincount(outcome, minlength=len(OUTCOMES)).astype(np.int64)
+        done = outcome == 0
+        fin = _non_nan(cols["finish_s"])
+        if fin.size:
+            self.finished += fin.size
+            self.last_finish = max(self.last_finish, float(fin.max()))
+        if outcome.size:
+            first = float(cols["arrival_s"].min())
+            self.first_arrival = first if first != first else min(self.first_arrival, first)  # noqa: PLR0124 (NaN)
+        self.total_in += int(cols["prompt_tokens"][done].sum())
+        self.total_out += int(cols["output_tokens"][done].sum())
+        ttft, tpot, e2el = cols["ttft_ms"][done], cols["tpot_ms"][done], cols["e2el_ms"][done]
+        if self.slo is not None:
+            good = np.ones(ttft.size, dtype=bool)
+            if self.slo.ttft_ms is not None:
+                good &= ttft <= self.slo.ttft_ms
+            if self.slo.tpot_ms is not None:
+                good &= np.nan_to_num(tpot, nan=0.0) <= self.slo.tpot_ms
+            if self.slo.e2el_ms is not None:
+                good &= e2el <= self.slo.e2el_ms
+            self.good += int(good.sum())
+        self.ttft.append(_non_nan(ttft))
+        self.tpot.append(_non_nan(tpot))
+        self.e2el.append(_non_nan(e2el))
+        self.itl_count += int(cols["itl_count"][done].sum())
+        self.itl_sum.append(cols["itl_sum_ms"][done])
+        mx = _non_nan(cols["itl_max_ms"][done])
+        if mx.size:
+            self.itl_maxed += mx.size
+            self.itl_max = max(self.itl_max, float(mx.max()))
+        self.queue.append(_non_nan(cols["queue_ms"][done]))
+        out_tok = cols["output_tokens"][done]
+        self.norm.append(_non_nan((e2el / 1e3)[out_tok > 0] / out_tok[out_tok > 0]))
+        admitted = ~np.isnan(cols["first_scheduled_s"])
+        # Float sums of whole numbers (NaN, where a record lacks one, propagates): exact in any grouping.
+        self.admitted += int(np.count_nonzero(admitted))
+        self.admitted_preemptions += float(cols["preemptions"][admitted].sum())
+        self.admitted_prompt += float(cols["prompt_tokens"][admitted].sum())
+        self.admitted_cached += float(cols["cached_prompt_tokens"][admitted].sum())
+
+    def close(self) -> None:
+        """Drop the spools' temporary files."""
+        for spool in (self.ttft, self.tpot, self.e2el, self.itl_sum, self.queue, self.norm):
+            spool.close()
+
+    def summary(self, *, itl: ItlHistogram | np.ndarray | None, duration: float | None, cell: dict) -> dict:
+        """The summary dict (keys in the order summary.json has them)."""
+        s: dict = dict(cell)
+        n = int(self.counts.sum())
+        counts = {name: int(self.counts[i]) for i, name in enumerate(OUTCOMES)}
+        s["num_requests"] = n
+        s["completed"] = counts["completed"]
+        s["failed"] = sum(counts[k] for k in FAILED)
+        for k in (*FAILED, "unfinished"):
+            s[k] = counts[k]
+        if duration is None:
+            duration = float(self.last_finish - self.first_arrival) if self.finished and n else NAN
+        s["duration"] = duration
+        total_in, total_out = self.total_in, self.total_out
+        s["total_input_tokens"] = total_in
+        s["total_output_tokens"] = total_out
+        ok = duration > 0 if not math.isnan(duration) else False
+        s["request_throughput"] = s["completed"] / duration if ok else NAN
+        s["output_throughput"] = total_out / duration if ok else NAN
+        s["total_token_throughput"] = (total_in + total_out) / duration if ok else NAN
+        if self.slo is not None:
+            s["good_requests"] = self.good
+            s["request_goodput"] = self.good / duration if ok else NAN
         else:
-            out[f"{name}_{prefix}_ms"] = float(np.percentile(x, q))
+            s["good_requests"] = None
+            s["request_goodput"] = None
+        for k in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            s[f"slo_{k}"] = getattr(self.slo, k) if self.slo is not None else None
+
+        _stats("ttft", self.ttft, s)
+        _stats("tpot", self.tpot, s)
+        itl_count = self.itl_count
+        itl_sum = self.itl_sum.sum()
+        s["mean_itl_ms"] = itl_sum / itl_count if itl_count else NAN
+        if isinstance(itl, ItlHistogram):
+            for name, q in STATS[1:]:
+                s[f"{name}_itl_ms"] = itl.percentile(q)
+            s["itl_exact"] = False
+        elif itl is not None:
+            x = np.asarray(itl, dtype=float)
+            for name, q in STATS[1:]:
+                s[f"{name}_itl_ms"] = float(np.percentile(x, q)) if x.size else NAN
+            s["itl_exact"] = True
+        else:
+            for name, _ in STATS[1:]:
+                s[f"{name}_itl_ms"] = NAN
+            s["itl_exact"] = itl_count == 0
+        s["max_itl_ms"] = self.itl_max if self.itl_maxed else NAN
+        _stats("e2el", self.e2el, s)
+
+        s["mean_queue_ms"] = self.queue.mean()
+        s["mean_normalized_latency_s"] = self.norm.mean()
+        s["mean_preemptions"] = self.admitted_preemptions / self.admitted if self.admitted else NAN
+        p = self.admitted_prompt
+        s["prefix_cache_hit_rate"] = self.admitted_cached / p if p > 0 else NAN
+        return s
+
+
+def _stats(prefix: str, x: FloatSpool, out: dict) -> None:
+    """mean, median, p90, p95, p99 of a spool (no NaN in it) into out, as np.mean and np.percentile give them."""
+    if len(x) == 0:
+        for name, _ in STATS:
+            out[f"{name}_{prefix}_ms"] = NAN
+        return
+    percentiles = iter(x.percentiles([q for _, q in STATS if q is not None]))
+    for name, q in STATS:
+        out[f"{name}_{prefix}_ms"] = x.mean() if q is None else next(percentiles)
 
 
 def _summarize_columns(cols: dict[str, np.ndarray], outcome: np.ndarray, *, itl: ItlHistogram | np.ndarray | None,
                        duration: float | None, slo: SLO | None, cell: dict) -> dict:
-    """The one summary computation; `outcome` holds indices into OUTCOMES."""
-    s: dict = dict(cell)
-    n = int(outcome.size)
-    counts = {name: int(np.count_nonzero(outcome == i)) for i, name in enumerate(OUTCOMES)}
-    done = outcome == 0
-    s["num_requests"] = n
-    s["completed"] = counts["completed"]
-    s["failed"] = sum(counts[k] for k in FAILED)
-    for k in (*FAILED, "unfinished"):
-        s[k] = counts[k]
-    if duration is None:
-        fin = cols["finish_s"][~np.isnan(cols["finish_s"])]
-        duration = float(fin.max() - cols["arrival_s"].min()) if fin.size and n else NAN
-    s["duration"] = duration
-    total_in = int(cols["prompt_tokens"][done].sum())
-    total_out = int(cols["output_tokens"][done].sum())
-    s["total_input_tokens"] = total_in
-    s["total_output_tokens"] = total_out
-    ok = duration > 0 if not math.isnan(duration) else False
-    s["request_throughput"] = s["completed"] / duration if ok else NAN
-    s["output_throughput"] = total_out / duration if ok else NAN
-    s["total_token_throughput"] = (total_in + total_out) / duration if ok else NAN
-
-    ttft, tpot, e2el = cols["ttft_ms"][done], cols["tpot_ms"][done], cols["e2el_ms"][done]
-    if slo is not None and not slo.is_empty:
-        good = np.ones(ttft.size, dtype=bool)
-        if slo.ttft_ms is not None:
-            good &= ttft <= slo.ttft_ms
-        if slo.tpot_ms is not None:
-            good &= np.nan_to_num(tpot, nan=0.0) <= slo.tpot_ms
-        if slo.e2el_ms is not None:
-            good &= e2el <= slo.e2el_ms
-        s["good_requests"] = int(good.sum())
-        s["request_goodput"] = int(good.sum()) / duration if ok else NAN
-    else:
-        s["good_requests"] = None
-        s["request_goodput"] = None
-    for k in ("ttft_ms", "tpot_ms", "e2el_ms"):
-        s[f"slo_{k}"] = getattr(slo, k) if slo is not None else None
-
-    _stats("ttft", ttft, s)
-    _stats("tpot", tpot, s)
-    itl_count = int(cols["itl_count"][done].sum())
-    itl_sum = float(cols["itl_sum_ms"][done].sum())
-    s["mean_itl_ms"] = itl_sum / itl_count if itl_count else NAN
-    if isinstance(itl, ItlHistogram):
-        for name, q in STATS[1:]:
-            s[f"{name}_itl_ms"] = itl.percentile(q)
-        s["itl_exact"] = False
-    elif itl is not None:
-        x = np.asarray(itl, dtype=float)
-        for name, q in STATS[1:]:
-            s[f"{name}_itl_ms"] = float(np.percentile(x, q)) if x.size else NAN
-        s["itl_exact"] = True
-    else:
-        for name, _ in STATS[1:]:
-            s[f"{name}_itl_ms"] = NAN
-        s["itl_exact"] = itl_count == 0
-    mx = cols["itl_max_ms"][done]
-    mx = mx[~np.isnan(mx)]
-    s["max_itl_ms"] = float(mx.max()) if mx.size else NAN
-    _stats("e2el", e2el, s)
-
-    q = cols["queue_ms"][done]
-    q = q[~np.isnan(q)]
-    s["mean_queue_ms"] = float(q.mean()) if q.size else NAN
-    out_tok = cols["output_tokens"][done]
-    norm = (e2el / 1e3)[out_tok > 0] / out_tok[out_tok > 0]
-    norm = norm[~np.isnan(norm)]
-    s["mean_normalized_latency_s"] = float(norm.mean()) if norm.size else NAN
-    admitted = ~np.isnan(cols["first_scheduled_s"])
-    s["mean_preemptions"] = float(cols["preemptions"][admitted].mean()) if admitted.any() else NAN
-    p = float(cols["prompt_tokens"][admitted].sum())
-    s["prefix_cache_hit_rate"] = float(cols["cached_prompt_tokens"][admitted].sum()) / p if p > 0 else NAN
-    return s
+    """The one summary computation over columns held in memory; `outcome` holds indices into OUTCOMES."""
+    reduction = _SummaryReduction(slo, memory_limit=max(1, int(outcome.size)))
+    reduction.add(cols, outcome)
+    return reduction.summary(itl=itl, duration=duration, cell=cell)
 
 
 def _cell_fields(df: pd.DataFrame) -> dict:
@@ -481,6 +543,7 @@ class CellAccumulator:
     """
 
     PENDING_GAPS = 1 << 16  # ITL gaps buffered before they are binned
+    SPILL_EVERY = 1 << 16  # requests whose summary columns are held in memory before they go to the temporary file
 
     def __init__(self, engine: str, concurrency: int | None = None, request_rate: float | None = None, *,
                  keep_token_times: bool = False, exact_itl_limit: int = 1_000_000,
@@ -496,6 +559,10 @@ class CellAccumulator:
         self._cols = {**{k: array("d") for k in _STORED_FLOATS}, **{k: array("i") for k in _STORED_INTS}}
         self._columns = tuple(self._cols.values())  # in _STORED_INDEX order (see _take)
         self._outcome = array("b")
+        # Every SPILL_EVERY requests the columns above move to a temporary file (a chunk), so the memory a cell
+        # holds does not grow with its requests; the summary reads the chunks back one at a time.
+        self._spill_file = None
+        self._spilled: list[int] = []  # requests in each chunk on the file
         self._itl_histogram = ItlHistogram()
         self._exact: array | None = array("d")
         # Gaps (ms) of completed requests not binned yet: binning a request at a time costs ~50 us of
@@ -513,7 +580,7 @@ class CellAccumulator:
         return cell_label(self.engine, self.concurrency, self.request_rate)
 
     def __len__(self) -> int:
-        return len(self._outcome)
+        return sum(self._spilled) + len(self._outcome)
 
     def add(self, req: Request, client_id: int | None = None) -> dict:
         """Record a request (normally a finished one); returns its row."""
@@ -545,12 +612,25 @@ class CellAccumulator:
         c[10].append(values[20])  # itl_count
         code = _OUTCOME_CODE[values[5]]
         self._outcome.append(code)
+        if len(self._outcome) >= self.SPILL_EVERY:
+            self._spill()
         if code == 0 and gaps is not None:
             self._pending_gaps.append(gaps)
             self._pending_count += gaps.size
             if self._pending_count >= self.PENDING_GAPS:
                 self._bin_pending()
         return values
+
+    def _spill(self) -> None:
+        """Move the summary columns held in memory to the end of the temporary file, as one chunk."""
+        if self._spill_file is None:
+            self._spill_file = tempfile.TemporaryFile(prefix="servesim-cell-")
+        f = self._spill_file
+        f.seek(0, 2)
+        self._spilled.append(len(self._outcome))
+        for column in (*self._columns, self._outcome):
+            f.write(column.tobytes())
+            del column[:]
 
     def _buffer(self, row: dict | None, values: list) -> None:
         """Keep the row for the sink (as values when values_sink takes them) or for `rows`."""
@@ -604,15 +684,35 @@ class CellAccumulator:
     def summary(self, *, slo: SLO | None = None, duration: float | None = None) -> dict:
         """The cell's summary: the same numbers summarize() gives over all its rows."""
         self._bin_pending()
-        # Views of the stored arrays, no copies (a million-request summary is the run's peak memory); counts stay
-        # C ints, whose sums and means are exact either way.
-        stored = {k: np.frombuffer(v, dtype=float if v.typecode == "d" else np.intc) if len(v) else np.empty(0)
-                  for k, v in self._cols.items()}
-        cols = _latency_columns(stored)
-        outcome = np.frombuffer(self._outcome, dtype=np.int8) if len(self._outcome) else np.empty(0, np.int8)
         itl = np.frombuffer(self._exact, dtype=float) if self._exact is not None and len(self._exact) \
             else (np.empty(0) if self._exact is not None else self.itl_histogram)
-        return _summarize_columns(cols, outcome, itl=itl, duration=duration, slo=slo, cell=self.cell)
+        reduction = _SummaryReduction(slo, memory_limit=self.SPILL_EVERY)
+        try:
+            for stored, outcome in self._stored_chunks():
+                reduction.add(_latency_columns(stored), outcome)
+            return reduction.summary(itl=itl, duration=duration, cell=self.cell)
+        finally:
+            reduction.close()
+
+    def _stored_chunks(self):
+        """(stored columns, outcome codes) of each chunk: those on the temporary file, then those in memory.
+
+        Counts stay C ints, whose sums and means are exact either way.
+        """
+        dtypes = [np.dtype(float if c.typecode == "d" else np.intc) for c in self._columns]
+        offset = 0
+        for n in self._spilled:
+            self._spill_file.seek(offset)
+            stored = {}
+            for name, dtype in zip(self._cols, dtypes):
+                stored[name] = np.frombuffer(self._spill_file.read(n * dtype.itemsize), dtype=dtype)
+            outcome = np.frombuffer(self._spill_file.read(n), dtype=np.int8)
+            offset = self._spill_file.tell()
+            yield stored, outcome
+        # Views of the arrays held, no copies.
+        yield ({k: np.frombuffer(v, dtype=dtype) if len(v) else np.empty(0, dtype)
+                for (k, v), dtype in zip(self._cols.items(), dtypes)},
+               np.frombuffer(self._outcome, dtype=np.int8) if len(self._outcome) else np.empty(0, np.int8))
 
 
 # ---------------------------------------------------------------------------------------
