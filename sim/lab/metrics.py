@@ -72,6 +72,7 @@ _INT_COLUMNS = ("concurrency", "client_id", "prompt_tokens", "output_tokens", "m
 _STR_COLUMNS = ("engine", "request_id", "outcome", "reason", "token_times_s")
 
 NAN = float("nan")
+_add_reduce, _max_reduce = np.add.reduce, np.maximum.reduce
 
 
 class SLO(ConfigModel):
@@ -147,7 +148,8 @@ def _record_values(req: Request, engine: str, concurrency: int | None, request_r
         t = np.frombuffer(tt) if tt.__class__ is array and tt.typecode == "d" else np.array(tt, dtype=float)
         gaps = t[1:] - t[:-1]  # np.diff(t) * 1e3
         gaps *= 1e3
-        itl_count, itl_sum, itl_max = len(gaps), float(gaps.sum()), float(gaps.max())
+        # The ufuncs' reduce is what ndarray.sum and .max call, without their Python-level wrappers.
+        itl_count, itl_sum, itl_max = len(gaps), float(_add_reduce(gaps)), float(_max_reduce(gaps))
         itl_mean = itl_sum / itl_count
     else:
         gaps = None
