@@ -30,27 +30,49 @@ class SeriesCsv:
         self.cell_label = cell_label
         self.rows = 0
         self.peak_kv_usage = math.nan  # max over samples of reserved / capacity tokens (NaN-skipping, as pandas)
+        self.float_time = False  # some sample's time_s is a float (SimPy's clock starts at the int 0)
+        self._int_time_rows: list[list[dict]] = [[] for _ in replicas]  # samples held until a float time_s
         self._files = [tempfile.TemporaryFile(mode="w+", prefix="servesim-series-", newline="")
                        for _ in replicas]
 
     def drain(self) -> None:
-        """Move every sample taken so far out of the replicas' TimeSeries lists, onto the files."""
-        for replica, f in zip(self.replicas, self._files):
+        """Move every sample taken so far out of the replicas' TimeSeries lists, onto the files.
+
+        A replica's samples at SimPy's initial time carry the int 0 as time_s; alone in a chunk they would
+        print as "0" where the whole cell's float column prints "0.0", so they wait for its first float time.
+        """
+        for i, replica in enumerate(self.replicas):
             rows = replica.series.rows(replica.name)
             if not rows:
                 continue
             _clear(replica.series)
+            rows = self._int_time_rows[i] + rows
             df = pd.DataFrame(rows)
-            usage = float((df.kv_reserved_tokens / df.kv_capacity_tokens).max())
-            if usage == usage and not usage <= self.peak_kv_usage:  # noqa: PLR0124 (NaN: skip it, as pandas does)
-                self.peak_kv_usage = usage
-            df.insert(0, "cell", self.cell_label)
-            df.to_csv(f, header=False, index=False)
-            self.rows += len(df)
+            if df["time_s"].dtype.kind != "f":
+                self._int_time_rows[i] = rows
+                continue
+            self._int_time_rows[i] = []
+            self.float_time = True
+            self._write_chunk(i, df)
+
+    def _write_chunk(self, i: int, df: pd.DataFrame) -> None:
+        usage = float((df.kv_reserved_tokens / df.kv_capacity_tokens).max())
+        if usage == usage and not usage <= self.peak_kv_usage:  # noqa: PLR0124 (NaN: skip it, as pandas does)
+            self.peak_kv_usage = usage
+        df.insert(0, "cell", self.cell_label)
+        df.to_csv(self._files[i], header=False, index=False)
+        self.rows += len(df)
 
     def write(self, path: Path) -> None:
         """Append the cell's samples to the CSV at path (its header first when new), replica by replica."""
         self.drain()
+        for i, rows in enumerate(self._int_time_rows):
+            if rows:  # a replica sampled at time 0 only: float like the rest of the column, if any of it is
+                df = pd.DataFrame(rows)
+                if self.float_time:
+                    df["time_s"] = df["time_s"].astype(float)
+                self._write_chunk(i, df)
+        self._int_time_rows = [[] for _ in self.replicas]
         if self.rows:
             new = not path.exists() or path.stat().st_size == 0
             with open(path, "a", newline="") as out:
