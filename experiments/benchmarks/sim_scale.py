@@ -11,8 +11,11 @@ size 16, 2048 batched tokens per step, chunked prefill and prefix caching on):
   at 1024 KV-pool pressure with preemptions. All requests are queued at once, so memory grows
   with their number here by construction.
 
-Each measurement runs in a fresh process (so peak RSS is its own): wall and CPU seconds, requests
-per wall second and per CPU second, simulated seconds per wall second, peak RSS. The fast path
+Each measurement runs in a fresh process (so peak RSS is its own) and writes what `servesim run`
+writes (requests.csv, the summary, timeseries.csv) to a temporary directory: wall and CPU seconds,
+requests per wall second and per CPU second, simulated seconds per wall second, peak RSS, and the
+MEMORY line: RSS growth in bytes per request (least-squares slope over the progress checkpoints;
+flat memory means ~0). The fast path
 runs --requests (default 1,000,000; --burst-requests for the bursts), the teaching path
 --teaching-requests (default 20,000; it costs ~2 ms a request); the ratio fast / teaching is per
 CPU second and per wall second. The machine may be shared: the load average is printed before and
