@@ -543,7 +543,8 @@ def cell_label(engine: str | None, concurrency: int | None = None, request_rate:
 # Cell accumulator: per-request rows out, compact summary state in
 
 class CellAccumulator:
-    """Collects one cell's finished requests: a row each, plus what the summary needs (69 bytes a request).
+    """Collects one cell's finished requests: a row each, plus what the summary needs (69 bytes a request, held
+    in memory for up to SPILL_EVERY requests, then on a temporary file: memory flat in the number of requests).
 
     Rows go to row_sink in chunks of sink_every, or as value lists (REQUEST_COLUMNS order) to
     values_sink (the ResultsWriter appends them to requests.csv), or, without a sink, stay in `rows`. Pooled ITL gaps of completed
