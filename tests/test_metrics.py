@@ -127,6 +127,51 @@ def test_accumulator_equals_summarize_and_itl_is_exact(specs):
         assert a["max_itl_ms"] == pytest.approx(itl.max())
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Equal dicts, NaN equal to NaN."""
+    return a.keys() == b.keys() and all(
+        (isinstance(v, float) and math.isnan(v) and isinstance(b[k], float) and math.isnan(b[k])) or b[k] == v
+        for k, v in a.items())
+
+
+@FAST
+@given(st.lists(req_strategy, min_size=1, max_size=60), st.integers(1, 9),
+       st.sampled_from([None, SLO(ttft_ms=500), SLO(tpot_ms=100, e2el_ms=2000)]))
+def test_accumulator_spilling_to_file_gives_the_same_summary(specs, spill_every, slo):
+    """Summary columns moved to the temporary file every few requests: the very same summary as held in memory."""
+    reqs = build(specs)
+    held, spilled = CellAccumulator("e", concurrency=3), CellAccumulator("e", concurrency=3)
+    spilled.SPILL_EVERY = spill_every
+    for r in reqs:
+        held.add(r, client_id=1)
+        spilled.add(r, client_id=1)
+    assert len(spilled) == len(held) == len(reqs)
+    assert len(spilled._outcome) < spill_every and sum(spilled._spilled) + len(spilled._outcome) == len(reqs)
+    a, b = held.summary(slo=slo), spilled.summary(slo=slo)
+    assert _same(a, b), {k: (a[k], b[k]) for k in a if not _same({k: a[k]}, {k: b[k]})}
+
+
+@FAST
+@given(st.lists(req_strategy, min_size=1, max_size=60), st.integers(1, 40), st.integers(1, 30), st.integers(1, 9),
+       st.sampled_from([0, 25, 10 ** 6]))
+def test_record_with_deferred_itl_gives_adds_rows_and_summary(specs, defer_tokens, pending_gaps, sink_every, exact):
+    """record() with a values sink computes ITL figures in batches: the very rows, summary and histogram of add()."""
+    reqs = build(specs)
+    rows = []
+    deferred = CellAccumulator("e", concurrency=2, values_sink=rows.extend, sink_every=sink_every, exact_itl_limit=exact)
+    deferred.DEFER_TOKENS, deferred.PENDING_GAPS, deferred.SPILL_EVERY = defer_tokens, pending_gaps, 5
+    direct = CellAccumulator("e", concurrency=2, exact_itl_limit=exact)
+    direct.PENDING_GAPS = pending_gaps
+    for i, r in enumerate(reqs):
+        deferred.record(r, client_id=i % 3)
+        direct.add(r, client_id=i % 3)
+    deferred.flush()
+    assert [dict(zip(REQUEST_COLUMNS, v)) for v in rows] == direct.rows or all(
+        _same(dict(zip(REQUEST_COLUMNS, v)), w) for v, w in zip(rows, direct.rows, strict=True))
+    assert _same(deferred.summary(), direct.summary())
+    assert deferred.itl_histogram.to_dict() == direct.itl_histogram.to_dict()
+
+
 def test_tpot_excludes_single_token_outputs():
     reqs = [make_request(0, 0.0, ttft=0.1),  # 1 token: no TPOT
             make_request(1, 0.0, ttft=0.1, gaps=[0.02, 0.04])]  # TPOT = 0.06 / 2 = 30 ms

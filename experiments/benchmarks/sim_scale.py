@@ -11,8 +11,11 @@ size 16, 2048 batched tokens per step, chunked prefill and prefix caching on):
   at 1024 KV-pool pressure with preemptions. All requests are queued at once, so memory grows
   with their number here by construction.
 
-Each measurement runs in a fresh process (so peak RSS is its own): wall and CPU seconds, requests
-per wall second and per CPU second, simulated seconds per wall second, peak RSS. The fast path
+Each measurement runs in a fresh process (so peak RSS is its own) and writes what `servesim run`
+writes (requests.csv, the summary, timeseries.csv) to a temporary directory: wall and CPU seconds,
+requests per wall second and per CPU second, simulated seconds per wall second, peak RSS, and the
+MEMORY line: RSS growth in bytes per request (least-squares slope over the progress checkpoints;
+flat memory means ~0). The fast path
 runs --requests (default 1,000,000; --burst-requests for the bursts), the teaching path
 --teaching-requests (default 20,000; it costs ~2 ms a request); the ratio fast / teaching is per
 CPU second and per wall second. The machine may be shared: the load average is printed before and
@@ -115,7 +118,7 @@ def measure(scenario: str, implementation: str, n: int, checkpoints: int = 10, p
             if state["n"] % every == 0:
                 wall = time.perf_counter() - start
                 current, peak = rss_mb()
-                state["rss"].append((state["n"], round(current), round(peak)))
+                state["rss"].append((state["n"], round(current, 1), round(peak, 1)))
                 print(f"  {implementation:>8} {state['n']:>10,} requests {wall:>7.1f} wall s "
                       f"{time.process_time() - cpu0:>7.1f} cpu s {state['n'] / wall:>9,.0f} req/s "
                       f"RSS {current:>6,.0f} MB (peak {peak:,.0f})", file=sys.stderr, flush=True)
@@ -123,7 +126,8 @@ def measure(scenario: str, implementation: str, n: int, checkpoints: int = 10, p
         prof = cProfile.Profile() if profile else None
         if prof:
             prof.enable()
-        facts = simulate_cell(exp, cell, acc, on_request=on_request, implementation=implementation)
+        facts = simulate_cell(exp, cell, acc, on_request=on_request, implementation=implementation,
+                              series_to=Path(tmp) / "timeseries.csv")
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
@@ -153,6 +157,16 @@ def identical(scenario: str, n: int) -> dict[str, bool]:
             run_experiment(exp, Path(tmp) / impl, progress=False, implementation=impl)
         return {name: (Path(tmp) / "teaching" / name).read_bytes() == (Path(tmp) / "fast" / name).read_bytes()
                 for name in FILES}
+
+
+def growth_bytes_per_request(checkpoints: list) -> float:
+    """Least-squares slope of current RSS (MB) against requests done, in bytes per request."""
+    xs = [c[0] for c in checkpoints]
+    ys = [c[1] * 2 ** 20 for c in checkpoints]
+    if len(xs) < 2:
+        return float("nan")
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def row(m: dict) -> str:
@@ -205,6 +219,11 @@ def main() -> None:
             print(f"{scenario}: fast / teaching = {fast['requests'] / fast['cpu_s'] / (teach['requests'] / teach['cpu_s']):.1f}x "
                   f"per CPU second, {fast['requests'] / fast['wall_s'] / (teach['requests'] / teach['wall_s']):.1f}x "
                   f"per wall second")
+        growth = growth_bytes_per_request(fast["rss_checkpoints"])
+        print(f"MEMORY {scenario}: RSS {fast['rss_checkpoints'][0][1]:,} MB at {fast['rss_checkpoints'][0][0]:,} requests, "
+              f"{fast['rss_checkpoints'][-1][1]:,} MB at {fast['rss_checkpoints'][-1][0]:,}: {growth:+.1f} bytes per "
+              f"request in between (least-squares slope over the checkpoints); peak RSS {fast['peak_rss_mb']:,.0f} MB "
+              f"(with the end-of-cell summary)")
         per_million_cpu = fast["cpu_s"] * 1e6 / fast["requests"]
         per_million_wall = fast["wall_s"] * 1e6 / fast["requests"]
         verdict = "meets" if per_million_cpu <= TARGET_S else "misses"

@@ -43,22 +43,27 @@ from sim.core.memory import MemoryPlan
 from sim.core.replica import Cluster, Replica
 from sim.lab.experiment import Cell, Experiment
 from sim.lab.metrics import CellAccumulator, ResultsWriter
+from sim.lab.series_csv import SeriesCsv
 from sim.lab.workload import ClosedLoopWorkload, RequestSpec, to_request
 
 IMPLEMENTATIONS = ("auto", "fast", "teaching")
 GC_YOUNG_THRESHOLD = 100_000  # allocations between young-generation collections while a cell runs (CPython: 700)
+SERIES_DRAIN_EVERY = 4096  # requests ended between moves of the time series out of the replicas (sim.lab.series_csv)
 RANDOM_BITS = 128  # random bits a block's key must chain through to count as private (module docstring)
 
 
 def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostModel | None = None,
                   plan: MemoryPlan | None = None, on_request: Callable[[Request], None] | None = None,
                   sample_interval_s: float = 0.1, on_step=None, on_scheduler: Callable | None = None,
-                  implementation: str = "auto") -> dict:
+                  implementation: str = "auto", series_to: Path | None = None) -> dict:
     """Run one cell to completion; finished requests go to acc. Returns simulation facts and time series.
 
     on_step(now, out, dt) sees every step; on_request(req) every request that ends;
     on_scheduler(scheduler) sees each replica's scheduler when it is built (a tracer keeps a handle on it).
     implementation: "auto", "fast" or "teaching" (module docstring); the results are the same.
+    series_to: append the time series (a "cell" column first) to this CSV as run_experiment writes it, drained
+    from the replicas as the cell runs so that memory stays flat (sim.lab.series_csv); facts["timeseries"] is
+    then None. Without it, facts["timeseries"] is the DataFrame of all samples.
     """
     engine = exp.engine(cell.engine)
     plan = plan or exp.plan(engine)
@@ -78,11 +83,17 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
     make_request = _lazy_requests(exp.model_spec.vocab_size) if fast else to_request
 
     add = getattr(acc, "record", acc.add)  # CellAccumulator.record skips the row dict; a stand-in may only have add
+    series_csv = SeriesCsv(replicas, cell.label) if series_to is not None else None
+    ended = [0]
 
     def record(req: Request, client: int | None) -> None:
         add(req, client)
         if on_request:
             on_request(req)
+        if series_csv is not None:
+            ended[0] += 1
+            if ended[0] % SERIES_DRAIN_EVERY == 0:
+                series_csv.drain()
 
     def serve(req: Request, client: int | None):
         done = cluster.submit(req)
@@ -122,15 +133,24 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
             env.process(client(c))
     else:
         env.process(open_loop())
-    with _rare_garbage_collection():
-        env.run()
-    series = pd.DataFrame([row for r in replicas for row in r.series.rows(r.name)])
+    try:
+        with _rare_garbage_collection():
+            env.run()
+        if series_csv is not None:
+            series = None
+            series_csv.write(series_to)
+            peak_kv_usage = series_csv.peak_kv_usage if series_csv.rows else 0.0
+        else:
+            series = pd.DataFrame([row for r in replicas for row in r.series.rows(r.name)])
+            peak_kv_usage = float((series.kv_reserved_tokens / series.kv_capacity_tokens).max()) if len(series) else 0.0
+    finally:
+        if series_csv is not None:
+            series_csv.close()
     return dict(
         sim_time_s=env.now, num_steps=sum(r.num_steps for r in replicas),
         busy_fraction=sum(r.busy_s for r in replicas) / (env.now * len(replicas)) if env.now else 0.0,
         preemptions=sum(r.scheduler.num_preemptions for r in replicas),
-        peak_kv_usage=float((series.kv_reserved_tokens / series.kv_capacity_tokens).max()) if len(series) else 0.0,
-        memory=plan.to_dict(), timeseries=series)
+        peak_kv_usage=peak_kv_usage, memory=plan.to_dict(), timeseries=series)
 
 
 @contextmanager
@@ -214,11 +234,8 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, resume: bool = True,
     for cell in tqdm(cells, desc=exp.name, unit="cell", disable=not progress):
         acc = writer.start_cell(cell.engine, cell.concurrency, cell.request_rate)
         wall = time.perf_counter()
-        facts = simulate_cell(exp, cell, acc, costs[cell.engine], implementation=implementation)
-        series = facts.pop("timeseries")
-        if len(series):
-            series.insert(0, "cell", cell.label)
-            series.to_csv(series_path, mode="a", header=not series_path.exists(), index=False)
+        facts = simulate_cell(exp, cell, acc, costs[cell.engine], implementation=implementation, series_to=series_path)
+        facts.pop("timeseries")
         writer.finish_cell(acc, slo=exp.slo, extra=dict(facts, cost_model=costs[cell.engine].describe()))
         if progress:
             tqdm.write(f"  {cell.label}: {len(acc)} requests, {facts['sim_time_s']:.1f} s simulated "

@@ -29,7 +29,7 @@ import functools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
@@ -290,6 +290,19 @@ class RequestSpec:
         return prefix + rest.tolist()
 
 
+_SPEC_FIELDS = tuple(f.name for f in fields(RequestSpec))
+
+
+def _spec(*values) -> RequestSpec:
+    """RequestSpec(*values) (every field, in order) without the frozen dataclass's per-field object.__setattr__.
+
+    A simulation makes one spec per request (~1.5 us of its __init__ a request); the instance is the same.
+    """
+    spec = object.__new__(RequestSpec)
+    spec.__dict__.update(zip(_SPEC_FIELDS, values))
+    return spec
+
+
 def to_request(spec: RequestSpec, arrival_time: float | None = None, *, temperature: float = 0.0) -> Request:
     """A fresh `reference.request.Request` for spec, arriving at arrival_time (s; default spec.arrival_time).
 
@@ -332,7 +345,7 @@ class RequestSequence:
         """Requests available (trace length; effectively unbounded for sampled lengths)."""
         return len(self.prompt_lens) if self.prompt_lens is not None else 2 ** 62
 
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _block(self, b: int) -> tuple[list[int], list[int], list[int]]:
         hit = self._cache.get(b)
         if hit is not None:
             self._cache.move_to_end(b)
@@ -351,7 +364,7 @@ class RequestSequence:
             shared = _rng(s, _S_SHARED, b).random(BLOCK)[:n] < sp.fraction
             choice = _rng(s, _S_PREFIX_CHOICE, b).integers(0, sp.num_prefixes, size=BLOCK)[:n]
             prefix = np.where(shared, choice, -1)
-        out = (prompt, output, prefix)
+        out = (prompt.tolist(), output.tolist(), prefix.tolist())  # lists: spec() reads one int at a time
         self._cache[b] = out
         if len(self._cache) > self._cache_blocks:
             self._cache.popitem(last=False)
@@ -375,12 +388,10 @@ class RequestSequence:
             raise IndexError(f"request index {index} out of range (0..{len(self) - 1})")
         prompt, output, prefix = self._block(index // BLOCK)
         j = index % BLOCK
-        pid = int(prefix[j])
+        pid = prefix[j]
         plen = self.shared_prefix.tokens if pid >= 0 else 0
-        return RequestSpec(request_id=f"r{index}", index=index, prompt_len=int(prompt[j]) + plen,
-                           max_tokens=int(output[j]), arrival_time=arrival_time, client_id=client_id,
-                           prefix_id=pid if pid >= 0 else None, prefix_len=plen,
-                           seed=self.seed, vocab_size=self.vocab_size)
+        return _spec(f"r{index}", index, prompt[j] + plen, output[j], arrival_time, client_id,
+                     pid if pid >= 0 else None, plen, self.seed, self.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------

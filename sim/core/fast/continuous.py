@@ -147,39 +147,56 @@ class FastContinuousScheduler(QueueCounts):
         specials.append((req, start, num_new))
 
     def _schedule_running_short_of_blocks(self, k: int, budget: int, preempted: list, specials: list) -> int:
-        """The teaching scheduler's running loop, request by request, preempting the newest when blocks run out."""
-        g, pool, bs = self.group, self.pool, self.block_size
-        for req in list(self.running.values()):
-            rid = id(req)
-            if rid not in self.running or budget <= 0:
-                break  # preempted: so is everyone after it
-            d = g.members.get(rid)
-            if d is not None:
-                num_new = 1
-                need = 1 if d.position_at(k) % bs == 0 else 0
-            else:
-                hold = self.holdings[rid]
-                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-                need = -(-(req.num_computed_tokens + num_new) // bs) - hold.nblocks
-            stop = False
-            while need > pool.free_total:
-                victim = self.running[next(reversed(self.running))]
+        """The teaching scheduler's running loop when the pool is short, preempting the newest as blocks run out.
+
+        That loop walks every running request in order. The running requests are the decoders, then
+        the partial (the newest); a decoder starting no block at step k takes nothing from the pool
+        and one token of budget, which never runs out before the partial (max_num_seqs <=
+        max_num_batched_tokens). So only the decoders that start a block at step k are visited, in
+        running order, then the partial: the same pool operations in the same order. Victims are the
+        newest (the tail of `running`), so the walk ends at the first request preempted, and everyone
+        still running was visited.
+        """
+        g, pool, bs, running = self.group, self.pool, self.block_size, self.running
+        if len(running) != len(g) + (self.partial is not None):
+            raise AssertionError("a running request neither decoding nor the partial: the fast path's invariant is broken")
+        needers = g.crossing_decoders(k)
+        i, n = 0, len(needers)
+        while i < n:
+            d = needers[i]
+            if not d.active:
+                return budget - len(g)  # preempted as a victim: so is everyone after it
+            if pool.free_total < 1:
+                victim = running[next(reversed(running))]
                 self._preempt(victim, preempted)
-                if victim is req:
-                    stop = True
+                if victim is d.req:
+                    return budget - len(g)
+                continue
+            # The next free_total needers get their block with no preemption in between; taking n blocks at once
+            # is taking one n times (uncached first, then least recently used), so the plain ones pop together.
+            stop, plain = min(n, i + pool.free_total), 0
+            while i < stop:
+                d = needers[i]
+                if not d.active:
                     break
-            if stop:
-                break
-            if d is not None:
-                if need:
-                    if d.exact:
-                        pool.grow(self.holdings[rid], 1, d.position_at(k) // bs)
-                    else:
-                        pool.pop(1)
-            else:
-                self._extend(req, hold, num_new, need, specials)
-            budget -= num_new
-        return budget
+                if d.exact:
+                    pool.grow(self.holdings[id(d.req)], 1, d.position_at(k) // bs)
+                else:
+                    plain += 1
+                i += 1
+            pool.pop(plain)
+        budget -= len(g)
+        req = self.partial
+        if req is None:
+            return budget
+        hold = self.holdings[id(req)]
+        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        need = -(-(req.num_computed_tokens + num_new) // bs) - hold.nblocks
+        if need > pool.free_total:  # the partial is the newest: the first victim is itself
+            self._preempt(req, preempted)
+            return budget
+        self._extend(req, hold, num_new, need, specials)
+        return budget - num_new
 
     def _admit(self, now: float, budget: int, specials: list) -> None:
         """Waiting requests FCFS while the budget, max_num_seqs and the pool allow, with their prefix-cache hits."""

@@ -61,7 +61,7 @@ class DecodeGroup:
         self.sum_key = 0
         self._heap: list[tuple[int, int, Decoder]] = []  # (-key, seq, decoder), stale entries dropped lazily
         self._stale = 0  # an upper bound on the heap's entries of decoders that left
-        self._phase_count = [0] * block_size
+        self._by_phase: list[dict[int, Decoder]] = [{} for _ in range(block_size)]  # seq -> decoder, by phase
         self._exact_by_phase: list[dict[int, Decoder]] = [{} for _ in range(block_size)]  # seq -> exact decoder
         self.num_exact = 0
         self._finish_at: dict[int, list[Decoder]] = {}
@@ -81,7 +81,7 @@ class DecodeGroup:
         self.members[id(req)] = d
         self.sum_key += d.key
         heapq.heappush(self._heap, (-d.key, seq, d))
-        self._phase_count[d.phase] += 1
+        self._by_phase[d.phase][seq] = d
         if exact:
             self._exact_by_phase[d.phase][seq] = d
             self.num_exact += 1
@@ -93,7 +93,7 @@ class DecodeGroup:
         d = self.members.pop(id(req))
         d.active = False
         self.sum_key -= d.key
-        self._phase_count[d.phase] -= 1
+        del self._by_phase[d.phase][d.seq]
         if d.exact:
             del self._exact_by_phase[d.phase][d.seq]
             self.num_exact -= 1
@@ -124,7 +124,12 @@ class DecodeGroup:
     # ---- one step ----------------------------------------------------------------------------
     def crossing(self, k: int) -> int:
         """Decoders that start a new KV block at step k."""
-        return self._phase_count[k % self.block_size]
+        return len(self._by_phase[k % self.block_size])
+
+    def crossing_decoders(self, k: int) -> list[Decoder]:
+        """The decoders that start a new KV block at step k, in running order."""
+        group = self._by_phase[k % self.block_size]
+        return [group[s] for s in sorted(group)] if group else []
 
     def exact_crossing(self, k: int) -> list[Decoder]:
         """The exact decoders that start a new KV block at step k, in running order."""
