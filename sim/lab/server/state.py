@@ -75,7 +75,8 @@ class ServerState:
                     sp["seed"] = (sp["seed"] + i) % (1 << 32)  # the next seeds of a range that starts in it
                 req = Request(f"{rid}-{i}", list(prompt), SamplingParams(max_tokens=job.max_tokens[p], **sp),
                               arrival_time=now)
-                subs.append(Sub(req, i, queue))
+                # A stream, or stop strings matched as text arrives, need every step's tokens.
+                subs.append(Sub(req, i, queue, per_step=job.stream or bool(job.stop)))
         return subs
 
     async def admit(self, job: Job, subs: list[Sub], queue: asyncio.Queue) -> None:
