@@ -2,7 +2,8 @@
 
 Request bodies are sim.lab.server.schemas models, validated off the event loop (ServerState.job).
 Streams are one `data: {...}` event per token and per choice end, usage last when asked
-(stream_options.include_usage), then `data: [DONE]`; an error after the stream started is sent as
+(stream_options.include_usage), then `data: [DONE]`; the events waiting when the handler wakes
+go out in one write; an error after the stream started is sent as
 a `data: {"error": ...}` event. vLLM's return_token_ids adds each choice's token ids.
 """
 from __future__ import annotations
@@ -119,12 +120,15 @@ async def _sse(state: ServerState, job: Job, subs, queue, rid: str, watcher: asy
                 yield event([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
         try:
-            async for i, delta, ids, reason in state.choices(job, subs, queue):
-                tokens[i] += ids
-                if reason is not None and (delta or ids):  # the last token's text, then the end on its own
-                    yield event([choice(i, delta, ids, None)])
-                    delta, ids = "", []
-                yield event([choice(i, delta, ids, reason)])
+            async for batch in state.choice_batches(job, subs, queue):
+                out = []
+                for i, delta, ids, reason in batch:
+                    tokens[i] += ids
+                    if reason is not None and (delta or ids):  # the last token's text, then the end on its own
+                        out.append(event([choice(i, delta, ids, None)]))
+                        delta, ids = "", []
+                    out.append(event([choice(i, delta, ids, reason)]))
+                yield "".join(out)  # one socket write for what was waiting
         except Disconnected:
             return
         except ApiError as e:
