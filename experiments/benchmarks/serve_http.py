@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -195,33 +196,63 @@ def run_level_in_process(cfg_path: str, runner, cfg, temperature: float = 0.0, w
         nonlocal steps
         steps += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     engine.run(source, 0.0, on_finish=finished, on_step=stepped)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     serving = runner.serving_compilations
     return dict(output_tok_s=tokens / wall, tokens=tokens, wall_s=wall, steps=steps,
-                ms_per_step=1e3 * wall / max(steps, 1), serving_compiles=serving)
+                ms_per_step=1e3 * wall / max(steps, 1), serving_compiles=serving,
+                cpu_us_per_token=1e6 * cpu / max(tokens, 1))
 
 
-class EngineCounters:
-    """The server's engine-thread counters now; since(wall) gives (steps, ms per step, share of wall stepping)."""
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(main thread, whole process) CPU seconds (user + system) of pid, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, url: str):
-        self.url = url
-        self.before = metrics(url, COUNTERS)
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
 
-    def since(self, wall_s: float) -> tuple[float, float, float]:
-        """Steps run since, ms inside Engine.step per step, and the share of wall_s (s) spent stepping."""
-        after = metrics(self.url, COUNTERS)
-        steps = after[COUNTERS[0]] - self.before[COUNTERS[0]]
-        step_s = after[COUNTERS[1]] - self.before[COUNTERS[1]]
-        return steps, 1e3 * step_s / max(steps, 1), step_s / wall_s
+    return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
 
 
-def engine_text(engine: tuple[float, float, float]) -> str:
-    """'N steps, X ms per step, engine stepping P of the wall'."""
-    steps, ms, share = engine
-    return f"{steps:.0f} steps, {ms:.2f} ms per step, engine stepping {share:.0%} of the wall"
+def client_cpu_s() -> float:
+    """CPU seconds of this process (the article client runs in it) and of its waited-for children (bench --url)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class ServerCounters:
+    """A server's engine-thread counters, generated tokens and CPU now, and the client's CPU; since(wall)
+    gives what a measurement cost (see engine_text)."""
+
+    NAMES = COUNTERS + ("vllm:generation_tokens",)
+
+    def __init__(self, url: str, pid: int):
+        self.url, self.pid = url, pid
+        self.before = metrics(url, self.NAMES)
+        self.cpu, self.client = cpu_s(pid), client_cpu_s()
+
+    def since(self, wall_s: float) -> dict:
+        """Steps run since; ms inside Engine.step per step; the share of wall_s (s) spent stepping; CPU per
+        generated token (us) of the server's event-loop thread, of the whole server, and of the client."""
+        after, cpu, client = metrics(self.url, self.NAMES), cpu_s(self.pid), client_cpu_s()
+        d = {k: after[k] - self.before[k] for k in self.NAMES}
+        steps, step_s, tokens = d[COUNTERS[0]], d[COUNTERS[1]], max(d["vllm:generation_tokens"], 1)
+        return dict(steps=steps, ms_per_step=1e3 * step_s / max(steps, 1), stepping=step_s / wall_s,
+                    loop_us=1e6 * (cpu[0] - self.cpu[0]) / tokens, server_us=1e6 * (cpu[1] - self.cpu[1]) / tokens,
+                    client_us=1e6 * (client - self.client) / tokens)
+
+
+def engine_text(m: dict) -> str:
+    """Where a measurement's time and CPU went, in words."""
+    text = (f"{m['steps']:.0f} steps, {m['ms_per_step']:.2f} ms per step, engine stepping {m['stepping']:.0%} of the "
+            f"wall; CPU per token: server {m['server_us']:.0f} us")
+    if "loop_us" in m:
+        text += f" (event loop {m['loop_us']:.0f})"
+    if "client_us" in m:
+        text += f", client {m['client_us']:.0f} us"
+    return text
 
 
 class Worker:
@@ -296,7 +327,7 @@ def main() -> None:
             # Interleaved: each measurement runs on one engine then the other, so load changes hit both alike.
             for users, requests in args.levels:
                 for e in engines:
-                    counted = EngineCounters(urls[e])
+                    counted = ServerCounters(urls[e], procs[e].pid)
                     lv = asyncio.run(http_users.run_level(urls[e], "llama3.1:8b", users, requests,
                                                           max_tokens=args.max_tokens))
                     engine = counted.since(lv["wall_s"])
@@ -307,16 +338,18 @@ def main() -> None:
                     continue
                 for e in engines:
                     cfg_u = write_config(args.out / f"{e}-{users}.toml", e, users, requests // users, args.max_tokens)
-                    counted = EngineCounters(urls[e])
+                    counted = ServerCounters(urls[e], procs[e].pid)
                     t0 = time.perf_counter()
                     tok_s = bench(cfg_u, args.out / f"url-{e}-{users}", urls[e])
                     engine = counted.since(time.perf_counter() - t0)  # the wall includes the client's start-up
+                    del engine["client_us"]  # bench's own start-up (Python, JAX) would swamp its CPU per token
                     samples[e].setdefault(f"engine url {users}", []).append(engine)
                     record(e, f"url {users}", tok_s, f"({engine_text(engine)}; the wall includes bench's start-up)")
                     # greedy as bench --url asks; temperature 1 as the article client gets (OpenAI's default)
                     for key, temperature in ((f"proc {users}", 0.0), (f"proc t1 {users}", 1.0)):
                         r = workers[e].level(cfg_u, temperature)
-                        engine = (r["steps"], r["ms_per_step"], 1.0)
+                        engine = dict(steps=r["steps"], ms_per_step=r["ms_per_step"], stepping=1.0,
+                                      server_us=r["cpu_us_per_token"])
                         samples[e].setdefault(f"engine {key}", []).append(engine)
                         record(e, key, r["output_tok_s"], f"({engine_text(engine)})")
                     if rep == 0 and not args.no_bench_in_process:
@@ -360,10 +393,12 @@ def print_table(rows: dict, samples: dict, args, load: list[float]) -> None:
           "requests sample at temperature 1, OpenAI's default; bench --url's are greedy): " + ", ".join(
               f"{u} users: article {c[f'article {u}'] / c[f'proc t1 {u}']:.2f}, "
               f"bench --url {c[f'url {u}'] / c[f'proc {u}']:.2f}" for u in (10, 50) if f"proc {u}" in c))
-    print("continuous engine (medians; over HTTP: ms inside Engine.step per step; in process: wall per step):")
-    for k, v in samples["continuous"].items():
-        if k.startswith("engine "):
-            print(f"  {k[7:]:12s} " + engine_text(tuple(statistics.median(x[i] for x in v) for i in range(3))))
+    print("\nwhere it went, medians (over HTTP: ms inside Engine.step per step; in process: wall per step; CPU\n"
+          "per generated token: the server process (all its threads), its event-loop thread, the client's process):")
+    for e in rows:
+        for k, v in samples[e].items():
+            if k.startswith("engine "):
+                print(f"  {e:10s} {k[7:]:12s} " + engine_text({f: statistics.median(x[f] for x in v) for f in v[0]}))
 
 
 if __name__ == "__main__":
