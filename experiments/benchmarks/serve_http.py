@@ -7,15 +7,17 @@ the article client's length, 111 tokens, and 100 output tokens):
    200 (every step shape compiled), read how many shapes each compiled; start one in-process worker
    per engine (this script with --worker): the server's very engine (build_engine: the same
    scheduler, runner options and compiled shapes) driven by the same closed loop without HTTP;
-2. at the levels (users, requests) = (1, 20), (10, 50), (50, 100), --repeats times: the
-   article-style client (experiments/benchmarks/http_users.py, non-streamed chat), `servesim bench
-   --url` (streamed completions, the same users and requests per user) and the in-process worker;
-   every measurement runs on one engine then the other, so the machine's load hits both alike;
-   `servesim bench` in process (its own runner: context buckets, compiles off the clock) once per level;
+2. at the levels (users, requests) = (1, 20), (10, 50), (50, 100) (--levels), --repeats times: the
+   article-style client (experiments/benchmarks/http_users.py: non-streamed chat, no temperature, so
+   OpenAI's default of 1), `servesim bench --url` (streamed greedy completions, the same users and
+   requests per user) and the in-process worker, greedy and at temperature 1; every measurement runs
+   on one engine then the other, so the machine's load hits both alike; `servesim bench` in process
+   (its own runner: context buckets, compiles off the clock) once per level unless --no-bench-in-process;
 3. read /metrics (compiles on the serving path must be 0) and stop both (SIGTERM: they drain).
 Then print medians of output tok/s per engine and level, continuous / sequential, HTTP / in process
-(the worker: the same workload on the same engine), and where the continuous server's engine
-thread spent each level (engine steps, ms per step, the share of the wall spent stepping).
+(the worker: the same workload on the same engine), and where each measurement went: engine
+steps, ms per step, the share of the wall spent stepping (servesim:engine_* counters of /metrics),
+and CPU per generated token of the server process, its event-loop thread and the article client.
 
     PYTHONPATH=$PWD python experiments/benchmarks/serve_http.py [--port 8101] [--out DIR] [--repeats 3]
 """
@@ -380,6 +382,7 @@ def print_table(rows: dict, samples: dict, args, load: list[float]) -> None:
             "url 10": "bench --url 10", "url 50": "bench --url 50", "proc 10": "in process 10",
             "proc 50": "in process 50", "proc t1 10": "in process T=1 10", "proc t1 50": "in process T=1 50",
             "bench 10": "servesim bench 10", "bench 50": "servesim bench 50"}
+    cols = {k: v for k, v in cols.items() if any(k in r for r in rows.values())}  # what was measured
     print("| engine | ready s | compiles start / serving | " + " | ".join(cols.values()) + " |")
     print("|---" * (3 + len(cols)) + "|")
     for e, r in rows.items():
