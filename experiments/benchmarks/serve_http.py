@@ -10,7 +10,8 @@ the article client's length, 111 tokens, and 100 output tokens):
 2. at the levels (users, requests) = (1, 20), (10, 50), (50, 100) (--levels), --repeats times: the
    article-style client (experiments/benchmarks/http_users.py: non-streamed chat, no temperature, so
    OpenAI's default of 1), `servesim bench --url` (streamed greedy completions, the same users and
-   requests per user) and the in-process worker, greedy and at temperature 1; every measurement runs
+   requests per user) and the in-process worker, greedy on the workload's random prompts (as bench
+   --url) and at temperature 1 on the article's chat prompt (as the article client); every measurement runs
    on one engine then the other, so the machine's load hits both alike; `servesim bench` in process
    (its own runner: context buckets, compiles off the clock) once per level unless --no-bench-in-process;
 3. read /metrics (compiles on the serving path must be 0) and stop both (SIGTERM: they drain).
@@ -89,7 +90,8 @@ LEVELS = [(1, 20), (10, 50), (50, 100)]
 OUTPUT_TOKENS = 100  # per request (the article's value was not available; see http_users.py)
 # The article client's chat prompt as the tiny model's tokenizer makes it (chat template included):
 # the in-process runs and `bench --url` send prompts of this many tokens, so all three do the same work.
-PROMPT_TOKENS = len(ByteTokenizer(512).apply_chat_template([{"role": "user", "content": http_users.PROMPT}]))
+ARTICLE_PROMPT_IDS = ByteTokenizer(512).apply_chat_template([{"role": "user", "content": http_users.PROMPT}])
+PROMPT_TOKENS = len(ARTICLE_PROMPT_IDS)
 CLI = [sys.executable, "-c", "from sim.lab.cli import main; main()"]
 COUNTERS = ("servesim:engine_steps", "servesim:engine_step_seconds", "servesim:engine_idle_seconds")
 
@@ -167,26 +169,32 @@ def worker(cfg_path: str, cache: str) -> None:
 
 
 class SampledClosedLoopSource(ClosedLoopSource):
-    """The bench's closed loop with every request sampled at one temperature (the bench's own is greedy)."""
+    """The bench's closed loop with every request sampled at one temperature (the bench's own is greedy),
+    and its prompt replaced by prompt_ids when given (as long as the workload's prompts)."""
 
-    def __init__(self, workload, limit_per_client: int | None, temperature: float):
+    def __init__(self, workload, limit_per_client: int | None, temperature: float, prompt_ids: list[int] | None):
         super().__init__(workload, limit_per_client)
         self.temperature = temperature
+        self.prompt_ids = prompt_ids
 
     def _next(self, c: int, at: float) -> list:
         reqs = super()._next(c, at)
         for r in reqs:
             r.sampling = dataclasses.replace(r.sampling, temperature=self.temperature)
+            if self.prompt_ids is not None:
+                r.prompt_token_ids = list(self.prompt_ids)
         return reqs
 
 
 def run_level_in_process(cfg_path: str, runner, cfg, temperature: float = 0.0, warmup: bool = False) -> dict:
     """One closed-loop level on a fresh scheduler over the compiled runner, every request sampled at
-    temperature (0: greedy): output tok/s, steps, ms per step."""
+    temperature: output tok/s, steps, ms per step, CPU per token. Greedy (0) runs send the workload's
+    random prompts, as `bench --url` does; sampled runs send the article client's chat prompt, as it does."""
     exp = load_experiment(cfg_path)
     cell = exp.cells()[0]
     workload = exp.workload.build(exp.seed, exp.model_spec.vocab_size, cell.load)
-    source = SampledClosedLoopSource(workload, 1 if warmup else None, temperature)
+    source = SampledClosedLoopSource(workload, 1 if warmup else None, temperature,
+                                     ARTICLE_PROMPT_IDS if temperature > 0 else None)
     engine = Engine(cfg.build_scheduler(exp.plan(cfg)), runner)
     tokens = steps = 0
 
