@@ -26,6 +26,7 @@ from reference.request import Request, SamplingParams  # noqa: E402
 from reference.tokenizer import ByteTokenizer, TextStream  # noqa: E402
 from sim.lab.server import create_app, engine_loop  # noqa: E402
 from sim.lab.server.engine_loop import Sub  # noqa: E402
+from sim.lab.server.errors import ApiError  # noqa: E402
 from sim.lab.server.jobs import Job  # noqa: E402
 from tests.server_harness import (CONFIG, EXP, MODEL, PAGED_BUCKETS, SLOT_BUCKETS, metrics, prompt_ids,  # noqa: E402
                                   serving, wait_idle)
@@ -192,6 +193,21 @@ def test_events_waiting_together_come_out_in_one_batch(cont):
     out = asyncio.run(batches())
     assert len(out) == 1 and "".join(d for _, d, _, _ in out[0]) == "abcd"
     assert [r for _, _, _, r in out[0]] == [None] * len(ids) + ["length"]
+
+    async def tokens_then_error():  # what came before an engine error is still delivered, then the error
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job("completion", MODEL, [[1, 2, 3]], 1, {}, [8], "max_tokens", [], True)
+        sub = Sub(Request("batch-1", [1, 2, 3], SamplingParams(max_tokens=8)), 0, queue)
+        queue.put_nowait((sub, "tokens", ids[:2]))
+        queue.put_nowait((sub, "error", "engine error: RuntimeError"))
+        got = []
+        with pytest.raises(ApiError, match="engine error"):
+            async for batch in state.choice_batches(job, [sub], queue):
+                got.append(batch)
+        return got
+
+    got = asyncio.run(tokens_then_error())
+    assert len(got) == 1 and "".join(d for _, d, _, _ in got[0]) == "ab"
 
 
 # ---------------------------------------------------------------------------------------

@@ -124,11 +124,13 @@ class ServerState:
             while True:
                 if kind == "disconnect":
                     raise Disconnected()
-                if kind == "error":
+                if id(sub) in ended:  # tokens that came after a stop string, and the abort's finish (or error)
+                    pass
+                elif kind == "error":
                     if batch:
                         yield batch
                     raise ApiError(500 if not data.startswith("server shutting down") else 503, data, None)
-                if id(sub) not in ended:  # else: tokens that came after a stop string, and the abort's finish
+                else:
                     ts = streams[id(sub)]
                     if kind == "tokens":
                         for tid in data:
