@@ -22,8 +22,12 @@ openai = pytest.importorskip("openai")
 from click.testing import CliRunner  # noqa: E402
 
 from reference.model import init_params  # noqa: E402
+from reference.request import Request, SamplingParams  # noqa: E402
 from reference.tokenizer import ByteTokenizer, TextStream  # noqa: E402
-from sim.lab.server import create_app  # noqa: E402
+from sim.lab.server import create_app, engine_loop  # noqa: E402
+from sim.lab.server.engine_loop import Sub  # noqa: E402
+from sim.lab.server.errors import ApiError  # noqa: E402
+from sim.lab.server.jobs import Job  # noqa: E402
 from tests.server_harness import (CONFIG, EXP, MODEL, PAGED_BUCKETS, SLOT_BUCKETS, metrics, prompt_ids,  # noqa: E402
                                   serving, wait_idle)
 
@@ -142,6 +146,68 @@ def test_openai_client_completions_chat_streaming(cont):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     wait_idle(url)
+
+
+def test_a_non_streamed_answer_gets_its_tokens_once(cont, monkeypatch):
+    """Without a stream or stop strings the handler is woken once for the tokens, not once per step;
+    the answer is the same text as the stream's (greedy)."""
+    url, _ = cont
+    seen: list[tuple[str, str, int]] = []  # (request id, event kind, token count) as the event loop gets them
+    dispatch = engine_loop._dispatch
+
+    def spy(events):
+        seen.extend((sub.req.request_id, kind, len(data) if kind == "tokens" else 0) for sub, kind, data in events)
+        dispatch(events)
+
+    monkeypatch.setattr(engine_loop, "_dispatch", spy)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    whole = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0)
+    tokens = [n for _, kind, n in seen if kind == "tokens"]
+    assert tokens == [6] and [k for _, k, _ in seen][-1] == "finished"
+    seen.clear()
+    stopped = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0,
+                                        stop=["@@@@@@@@"])  # matched on the text: every step's tokens are needed
+    assert [n for _, kind, n in seen if kind == "tokens"] == [1] * 6
+    seen.clear()
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0,
+                                            stream=True))
+    assert [n for _, kind, n in seen if kind == "tokens"] == [1] * 6
+    assert whole.choices[0].text == stopped.choices[0].text == "".join(c.choices[0].text for c in chunks)
+    wait_idle(url)
+
+
+def test_events_waiting_together_come_out_in_one_batch(cont):
+    """A stream writes what was waiting when its handler woke in one go (choice_batches)."""
+    _, state = cont
+    ids = state.tokenizer.encode("abcd")
+
+    async def batches():
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job("completion", MODEL, [[1, 2, 3]], 1, {}, [len(ids)], "max_tokens", [], True)
+        sub = Sub(Request("batch-0", [1, 2, 3], SamplingParams(max_tokens=len(ids))), 0, queue)
+        for t in ids:
+            queue.put_nowait((sub, "tokens", [t]))
+        queue.put_nowait((sub, "finished", "length"))
+        return [b async for b in state.choice_batches(job, [sub], queue)]
+
+    out = asyncio.run(batches())
+    assert len(out) == 1 and "".join(d for _, d, _, _ in out[0]) == "abcd"
+    assert [r for _, _, _, r in out[0]] == [None] * len(ids) + ["length"]
+
+    async def tokens_then_error():  # what came before an engine error is still delivered, then the error
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job("completion", MODEL, [[1, 2, 3]], 1, {}, [8], "max_tokens", [], True)
+        sub = Sub(Request("batch-1", [1, 2, 3], SamplingParams(max_tokens=8)), 0, queue)
+        queue.put_nowait((sub, "tokens", ids[:2]))
+        queue.put_nowait((sub, "error", "engine error: RuntimeError"))
+        got = []
+        with pytest.raises(ApiError, match="engine error"):
+            async for batch in state.choice_batches(job, [sub], queue):
+                got.append(batch)
+        return got
+
+    got = asyncio.run(tokens_then_error())
+    assert len(got) == 1 and "".join(d for _, d, _, _ in got[0]) == "ab"
 
 
 # ---------------------------------------------------------------------------------------

@@ -126,7 +126,9 @@ class Sub:
     req: Request
     index: int  # choice index
     events: asyncio.Queue  # shared by the choices of one HTTP request: (sub, kind, data)
+    per_step: bool = True  # send tokens as each step makes them (streams, stop strings), else once at the end
     delivered: int = 0  # tokens already sent (engine thread)
+    counted: int = 0  # tokens already counted in the metrics (engine thread)
     done: bool = False  # its last event was dispatched (event loop)
     extra: dict = field(default_factory=dict)
 
@@ -135,8 +137,9 @@ class EngineLoop:
     """Runs Engine.step() in a thread; requests and aborts come in through a locked inbox.
 
     Events to handlers, per sub: ("admitted" | "refused", reason) once, then ("tokens", [ids])
-    per step that produced some, then one of ("finished", "stop" | "length" | "abort") or
-    ("error", message). They are batched per loop iteration into one call_soon_threadsafe.
+    per step that produced some (a sub with per_step False: once, with all its ids, when it
+    finishes), then one of ("finished", "stop" | "length" | "abort") or ("error", message). They are
+    batched per loop iteration into one call_soon_threadsafe.
     """
 
     def __init__(self, engine: Engine, metrics: ServerMetrics, *, warmup: bool = True):
@@ -149,6 +152,11 @@ class EngineLoop:
         self.startup_compilations = 0
         self.startup_compile_s = 0.0
         self.num_shapes = 0
+        # Where the engine thread's time goes (s, perf_counter), read by /metrics: steps that ran,
+        # seconds inside Engine.step, seconds waiting for work.
+        self.steps = 0
+        self.step_s = 0.0
+        self.idle_s = 0.0
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._live: dict[int, Sub] = {}  # id(request) -> sub; engine thread only
@@ -212,8 +220,10 @@ class EngineLoop:
         self.ready = True
         while True:
             with self._cv:
+                t_wait = time.perf_counter()
                 while not self._inbox and not self.scheduler.has_unfinished() and not self._stopping:
                     self._cv.wait()
+                self.idle_s += time.perf_counter() - t_wait
                 if self._stopping:
                     break
                 ops, self._inbox = self._inbox, []
@@ -234,7 +244,9 @@ class EngineLoop:
             self._send(events)
             if not stepped and not ops and self.scheduler.has_unfinished():
                 with self._cv:  # nothing could be scheduled: wait for a change instead of spinning
+                    t_wait = time.perf_counter()
                     self._cv.wait(0.001)
+                    self.idle_s += time.perf_counter() - t_wait
         events = []
         self._fail_all("server shutting down", events)
         self._publish()
@@ -295,7 +307,10 @@ class EngineLoop:
     def _step(self, events: list) -> bool:
         """One engine step; queue the new tokens and finishes. True if a step ran."""
         try:
+            t0 = time.perf_counter()
             record = self.engine.step()
+            self.step_s += time.perf_counter() - t0
+            self.steps += record is not None
         except Exception as e:  # never take the server down: fail what was in flight, free its KV
             log.exception("engine step failed")
             now = self.engine.now()
@@ -307,18 +322,26 @@ class EngineLoop:
                 events.append((sub, "error", f"engine error: {type(e).__name__}"))
             return True
         m = self.metrics
+        generated = 0
         for sub in list(self._live.values()):
             req = sub.req
             n = req.num_output_tokens
-            if n > sub.delivered:
-                if sub.delivered == 0:
+            if n > sub.counted:
+                if sub.counted == 0:
                     m.prompt_tokens.inc(req.num_prompt_tokens)
                     m.ttft.observe(req.first_token_time - req.arrival_time)
-                m.generation_tokens.inc(n - sub.delivered)
+                generated += n - sub.counted
+                sub.counted = n
+            finished = req.status is Status.FINISHED
+            # A non-streamed answer without stop strings needs its tokens only at the end: one event
+            # instead of one per step (each event wakes the handler on the event loop).
+            if n > sub.delivered and (sub.per_step or finished):
                 events.append((sub, "tokens", req.output_token_ids[sub.delivered:n]))
                 sub.delivered = n
-            if req.status is Status.FINISHED:
+            if finished:
                 self._finish(sub, events)
+        if generated:
+            m.generation_tokens.inc(generated)  # once per step: the counter takes a lock per call
         return record is not None
 
     def _finish(self, sub: Sub, events: list, *, stopped: bool = False) -> None:

@@ -38,9 +38,16 @@ class _SchedulerCollector:
             g = GaugeMetricFamily(name, doc, labels=lab)
             g.add_metric([self.model], value)
             yield g
-        c = CounterMetricFamily("vllm:num_preemptions", "Preemptions (recompute).", labels=lab)
-        c.add_metric([self.model], self.loop.scheduler.num_preemptions)
-        yield c
+        for name, doc, value in (("vllm:num_preemptions", "Preemptions (recompute).",
+                                  self.loop.scheduler.num_preemptions),
+                                 ("servesim:engine_steps", "Engine steps run.", self.loop.steps),
+                                 ("servesim:engine_step_seconds", "Seconds the engine thread spent in its steps "
+                                  "(schedule, model, update).", self.loop.step_s),
+                                 ("servesim:engine_idle_seconds", "Seconds the engine thread waited for work.",
+                                  self.loop.idle_s)):
+            c = CounterMetricFamily(name, doc, labels=lab)
+            c.add_metric([self.model], value)
+            yield c
 
 
 class ServerMetrics:

@@ -75,7 +75,8 @@ class ServerState:
                     sp["seed"] = (sp["seed"] + i) % (1 << 32)  # the next seeds of a range that starts in it
                 req = Request(f"{rid}-{i}", list(prompt), SamplingParams(max_tokens=job.max_tokens[p], **sp),
                               arrival_time=now)
-                subs.append(Sub(req, i, queue))
+                # A stream, or stop strings matched as text arrives, need every step's tokens.
+                subs.append(Sub(req, i, queue, per_step=job.stream or bool(job.stop)))
         return subs
 
     async def admit(self, job: Job, subs: list[Sub], queue: asyncio.Queue) -> None:
@@ -107,29 +108,47 @@ class ServerState:
 
     async def choices(self, job: Job, subs: list[Sub], queue: asyncio.Queue):
         """Async iterator of (index, text delta, token ids, finish_reason or None) until every choice ends."""
+        async for batch in self.choice_batches(job, subs, queue):
+            for item in batch:
+                yield item
+
+    async def choice_batches(self, job: Job, subs: list[Sub], queue: asyncio.Queue):
+        """Async iterator of lists of (index, text delta, token ids, finish_reason or None): each list is
+        every event that was waiting when the handler woke (one step's tokens, or more when the event
+        loop fell behind), so a stream writes them to its socket at once instead of one write per token."""
         streams = {id(s): TextStream(self.tokenizer, job.stop) for s in subs}
         ended: set[int] = set()
         while len(ended) < len(subs):
+            batch = []
             sub, kind, data = await queue.get()
-            if kind == "disconnect":
-                raise Disconnected()
-            if id(sub) in ended:
-                continue  # tokens that came after a stop string, and the abort's finish
-            ts = streams[id(sub)]
-            if kind == "tokens":
-                for tid in data:
-                    delta = ts.push(tid)
-                    if ts.stopped:
+            while True:
+                if kind == "disconnect":
+                    raise Disconnected()
+                if id(sub) in ended:  # tokens that came after a stop string, and the abort's finish (or error)
+                    pass
+                elif kind == "error":
+                    if batch:
+                        yield batch
+                    raise ApiError(500 if not data.startswith("server shutting down") else 503, data, None)
+                else:
+                    ts = streams[id(sub)]
+                    if kind == "tokens":
+                        for tid in data:
+                            delta = ts.push(tid)
+                            if ts.stopped:
+                                ended.add(id(sub))
+                                self.loop.abort([sub], "stop string", stopped=True)
+                                batch.append((sub.index, delta, [tid], "stop"))
+                                break
+                            batch.append((sub.index, delta, [tid], None))
+                    elif kind == "finished":
                         ended.add(id(sub))
-                        self.loop.abort([sub], "stop string", stopped=True)
-                        yield sub.index, delta, [tid], "stop"
-                        break
-                    yield sub.index, delta, [tid], None
-            elif kind == "finished":
-                ended.add(id(sub))
-                yield sub.index, ts.finish(), [], data
-            elif kind == "error":
-                raise ApiError(500 if not data.startswith("server shutting down") else 503, data, None)
+                        batch.append((sub.index, ts.finish(), [], data))
+                if len(ended) == len(subs) or queue.empty():
+                    break
+                sub, kind, data = queue.get_nowait()
+            if batch:
+                yield batch
 
     def release(self, subs: list[Sub], watcher: asyncio.Task) -> None:
         """The answer is done (or abandoned): abort whatever still runs, stop watching the connection."""
