@@ -17,6 +17,7 @@ import pytest
 import simpy
 from hypothesis import HealthCheck, event, given, settings
 
+import sim.core.replica
 import sim.lab.simulate
 from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
@@ -474,13 +475,15 @@ OPEN_LOOP = 'kind = "poisson"\nrates = [20.0, inf]'
 @pytest.mark.parametrize("load", [CLOSED_LOOP, OPEN_LOOP])
 @pytest.mark.parametrize("seed, max_queue, blocks", [(1, 0, 0), (2, 3, 40), (3, 1, 64)])
 def test_clients_without_a_process_per_request_give_identical_files(tmp_path, load, seed, max_queue, blocks):
-    """Replica.submit's `then` (no process or event per request) against a SimPy process per request: the
-    same files, with refusals (max_queue), preemptions (few blocks), the fast and the teaching paths."""
+    """Replica.submit's `then` (no process or event per request) and steps without an event when nothing else is
+    scheduled (Replica's FAST_FORWARD), against a SimPy process per request and a Timeout per step: the same
+    files, with refusals (max_queue), preemptions (few blocks), the fast and the teaching paths."""
     exp = load_experiment(DIRECT_TOML.format(load=load, seed=seed, max_queue=max_queue, blocks=blocks))
     outcomes = set()
     for implementation in ("fast", "teaching"):
         for direct in (True, False):
-            with mock.patch.object(sim.lab.simulate, "DIRECT_CLIENTS", direct):
+            with mock.patch.object(sim.lab.simulate, "DIRECT_CLIENTS", direct), \
+                    mock.patch.object(sim.core.replica, "FAST_FORWARD", direct):
                 run_experiment(exp, tmp_path / f"{implementation}-{direct}", progress=False,
                                implementation="auto" if implementation == "fast" else "teaching")
         for name in ("requests.csv", "summary.json", "timeseries.csv", "itl_histograms.json"):

@@ -20,6 +20,8 @@ and nothing else is due at that instant, those calls run in the order the events
 at once (a refusal) queues behind them, as its event would; in any other case a plain event
 carries the call. So a closed-loop client needs no SimPy process and no event per request, and
 the simulation is the same, event for event where it matters (tests/test_sim_properties.py).
+Likewise a step during which nothing at all is scheduled ends without a Timeout: the clock moves
+to the step's end (the same float), since no event can come in between.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from reference.request import Outcome, Request
 from reference.schedulers.base import Scheduler
 
 SIM_TOKEN = 1  # token id appended for generated tokens: timing does not depend on values
+FAST_FORWARD = True  # steps with nothing else scheduled end without a SimPy event (Replica._loop); tests flip it
 _LAST = 2  # SimPy event priority after NORMAL (1): processed after every other event of the same instant
 
 
@@ -178,7 +181,12 @@ class Replica:
             if self.on_step:
                 self.on_step(env.now, out, dt)
             self._stepping = True
-            yield env.timeout(dt)
+            if FAST_FORWARD and not env._queue:
+                # Nothing is scheduled: nothing can happen before the step ends, so move the clock to its end
+                # without an event (a Timeout would set env.now to the same float, now + dt).
+                env._now += dt
+            else:
+                yield env.timeout(dt)
             self._stepping = False
             self.num_steps += 1
             self.busy_s += dt
