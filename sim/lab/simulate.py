@@ -3,6 +3,8 @@
 Per cell (engine variant x concurrency or rate): a fresh SimPy environment, `hardware.replicas`
 replicas (each its engine kind's scheduler, timed by the cost model) behind a
 router, and the workload as SimPy processes (closed-loop clients, or an open-loop arrival process).
+With one replica and no client timeouts or think times a request needs no process or event of
+its own: it is sent and recorded through Replica.submit's `then` (the same simulation).
 Each finished request streams into DIR/requests.csv; the cell's summary goes to DIR/summary.json
 and its time series to DIR/timeseries.csv as soon as the cell ends.
 
