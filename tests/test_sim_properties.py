@@ -12,10 +12,12 @@ from unittest import mock
 
 import hypothesis.strategies as st
 import numpy as np
+import pandas as pd
 import pytest
 import simpy
 from hypothesis import HealthCheck, event, given, settings
 
+import sim.core.replica
 import sim.lab.simulate
 from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
@@ -421,3 +423,72 @@ def test_run_level_errors_name_the_key(tmp_path, changes, field):
         exp = load_experiment(with_changes(**changes))
         run_experiment(exp, tmp_path, progress=False)
     assert e.value.field == field, str(e.value)
+
+
+DIRECT_TOML = """
+name = "direct"
+seed = {seed}
+model = "llama-3.1-8b"
+[workload]
+{load}
+num_requests = 120
+[workload.prompt_tokens]
+dist = "lognormal"
+mean = 120
+sigma = 1.0
+max = 400
+[workload.output_tokens]
+dist = "lognormal"
+mean = 60
+sigma = 1.0
+max = 100
+[workload.shared_prefix]
+fraction = 0.5
+tokens = 32
+[engines.vllm]
+scheduler = "continuous"
+max_num_seqs = 8
+max_num_batched_tokens = 64
+max_queue = {max_queue}
+num_blocks = {blocks}
+max_model_len = 512
+[engines.orca]
+scheduler = "orca"
+max_num_seqs = 4
+max_queue = {max_queue}
+num_blocks = {blocks}
+max_model_len = 512
+[engines.ollama]
+scheduler = "sequential"
+num_parallel = 2
+max_queue = {max_queue}
+num_ctx = 1024
+[hardware]
+preset = "h100-sxm"
+"""
+
+
+CLOSED_LOOP = 'kind = "closed_loop"\nclients = [1, 9, 40]'
+OPEN_LOOP = 'kind = "poisson"\nrates = [20.0, inf]'
+
+
+@pytest.mark.parametrize("load", [CLOSED_LOOP, OPEN_LOOP])
+@pytest.mark.parametrize("seed, max_queue, blocks", [(1, 0, 0), (2, 3, 40), (3, 1, 64)])
+def test_clients_without_a_process_per_request_give_identical_files(tmp_path, load, seed, max_queue, blocks):
+    """Replica.submit's `then` (no process or event per request) and steps without an event when nothing else is
+    scheduled (Replica's FAST_FORWARD), against a SimPy process per request and a Timeout per step: the same
+    files, with refusals (max_queue), preemptions (few blocks), the fast and the teaching paths."""
+    exp = load_experiment(DIRECT_TOML.format(load=load, seed=seed, max_queue=max_queue, blocks=blocks))
+    outcomes = set()
+    for implementation in ("fast", "teaching"):
+        for direct in (True, False):
+            with mock.patch.object(sim.lab.simulate, "DIRECT_CLIENTS", direct), \
+                    mock.patch.object(sim.core.replica, "FAST_FORWARD", direct):
+                run_experiment(exp, tmp_path / f"{implementation}-{direct}", progress=False,
+                               implementation="auto" if implementation == "fast" else "teaching")
+        for name in ("requests.csv", "summary.json", "timeseries.csv", "itl_histograms.json"):
+            a, b = ((tmp_path / f"{implementation}-{d}" / name).read_bytes() for d in (True, False))
+            assert a and a == b, (implementation, name)
+        outcomes |= set(pd.read_csv(tmp_path / f"{implementation}-True" / "requests.csv")["outcome"])
+    if max_queue:
+        assert "refused" in outcomes

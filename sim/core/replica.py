@@ -12,6 +12,16 @@ scheduler when the step ends (after its update), not mid-step, and the next step
 once everything else due at that instant has happened (a closed-loop client sending its next
 request the moment its last one ends joins the very next step, as in the engine loop). So
 admission and queue-full checks see the same scheduler state in both drivers.
+
+A caller may pass `then` to submit instead of waiting on the returned event: then(req) runs where
+the event's first callback would have run, without the event. When a step's update ends requests
+and nothing else is due at that instant, those calls run in the order the events would have fired
+(after the requests that arrived during the step are handed over), and one that ends a request
+at once (a refusal) queues behind them, as its event would; in any other case a plain event
+carries the call. So a closed-loop client needs no SimPy process and no event per request, and
+the simulation is the same, event for event where it matters (tests/test_sim_properties.py).
+Likewise a step during which nothing at all is scheduled ends without a Timeout: the clock moves
+to the step's end (the same float), since no event can come in between.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from reference.request import Outcome, Request
 from reference.schedulers.base import Scheduler
 
 SIM_TOKEN = 1  # token id appended for generated tokens: timing does not depend on values
+FAST_FORWARD = True  # steps with nothing else scheduled end without a SimPy event (Replica._loop); tests flip it
 _LAST = 2  # SimPy event priority after NORMAL (1): processed after every other event of the same instant
 
 
@@ -83,7 +94,8 @@ class Replica:
         self.num_steps = 0
         self.busy_s = 0.0
         self._next_sample = 0.0
-        self._done_events: dict[int, simpy.Event] = {}
+        self._done_events: dict[int, simpy.Event | Callable[[Request], None]] = {}
+        self._ends: list[tuple[Callable[[Request], None], Request]] | None = None  # `then` calls due (see _end)
         self._stepping = False  # a step is in flight
         self._arrived: list[Request] = []  # arrived during the step; added when it ends
         self._wake = env.event()
@@ -94,15 +106,18 @@ class Replica:
         """Requests queued, running or arriving here (for least-outstanding routing)."""
         return self.scheduler.num_waiting + self.scheduler.num_running + len(self._arrived)
 
-    def submit(self, req: Request) -> simpy.Event:
-        """Hand a request to the scheduler (now, or when the step in flight ends); the event fires when it ends."""
-        done = self.env.event()
+    def submit(self, req: Request, then: Callable[[Request], None] | None = None) -> simpy.Event | None:
+        """Hand a request to the scheduler (now, or when the step in flight ends); the event fires when it ends.
+
+        With `then`, no event: then(req) is called where the event's callbacks would run (module docstring).
+        """
+        done = self.env.event() if then is None else then
         self._done_events[id(req)] = done
         if self._stepping:
             self._arrived.append(req)
         else:
             self._add(req)
-        return done
+        return done if then is None else None
 
     def _add(self, req: Request) -> None:
         if not self.scheduler.add(req, self.env.now):
@@ -122,10 +137,18 @@ class Replica:
             self.scheduler.abort(req, self.env.now, outcome, reason)
         self._end(req, done)
 
-    def _end(self, req: Request, done: simpy.Event) -> None:
+    def _end(self, req: Request, done: simpy.Event | Callable[[Request], None]) -> None:
         if self.on_finish:
             self.on_finish(req)
-        done.succeed(req)
+        if isinstance(done, simpy.Event):
+            done.succeed(req)
+        elif self._ends is not None and self.env.peek() > self.env.now:
+            # Nothing else is due now, so the event would be the next to fire after those queued: call it then.
+            self._ends.append((done, req))
+        else:
+            event = self.env.event()
+            event.callbacks.append(lambda _event, then=done: then(req))
+            event.succeed(req)
 
     def _sample(self, force: bool = False) -> None:
         now = self.env.now
@@ -158,7 +181,12 @@ class Replica:
             if self.on_step:
                 self.on_step(env.now, out, dt)
             self._stepping = True
-            yield env.timeout(dt)
+            if FAST_FORWARD and not env._queue:
+                # Nothing is scheduled: nothing can happen before the step ends, so move the clock to its end
+                # without an event (a Timeout would set env.now to the same float, now + dt).
+                env._now += dt
+            else:
+                yield env.timeout(dt)
             self._stepping = False
             self.num_steps += 1
             self.busy_s += dt
@@ -168,6 +196,7 @@ class Replica:
                 tokens = [SIM_TOKEN] * sum([c.start + c.num_tokens == len(c.request.prompt_token_ids)
                                             + len(c.request.output_token_ids) for c in out.chunks])
             finished = sched.update(out, tokens, env.now)
+            ends = self._ends = []
             if finished:
                 done_events = self._done_events
                 for req in finished:
@@ -176,6 +205,12 @@ class Replica:
                 arrived, self._arrived = self._arrived, []
                 for req in arrived:
                     self._add(req)
+            i = 0
+            while i < len(ends):  # `then` calls, in the order their events would fire; one may queue more
+                then, req = ends[i]
+                i += 1
+                then(req)
+            self._ends = None
             # Let clients that just got their answer send their next request. With nothing else due now
             # the wait would be a no-op (SimPy orders ties by creation, which skipping it keeps), so skip it.
             if env.peek() <= env.now:

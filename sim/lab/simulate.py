@@ -3,6 +3,8 @@
 Per cell (engine variant x concurrency or rate): a fresh SimPy environment, `hardware.replicas`
 replicas (each its engine kind's scheduler, timed by the cost model) behind a
 router, and the workload as SimPy processes (closed-loop clients, or an open-loop arrival process).
+With one replica and no client timeouts or think times a request needs no process or event of
+its own: it is sent and recorded through Replica.submit's `then` (the same simulation).
 Each finished request streams into DIR/requests.csv; the cell's summary goes to DIR/summary.json
 and its time series to DIR/timeseries.csv as soon as the cell ends.
 
@@ -49,6 +51,7 @@ from sim.lab.workload import ClosedLoopWorkload, RequestSpec, to_request
 IMPLEMENTATIONS = ("auto", "fast", "teaching")
 GC_YOUNG_THRESHOLD = 100_000  # allocations between young-generation collections while a cell runs (CPython: 700)
 SERIES_DRAIN_EVERY = 4096  # requests ended between moves of the time series out of the replicas (sim.lab.series_csv)
+DIRECT_CLIENTS = True  # closed-loop clients without a SimPy process per request where possible (simulate_cell); tests flip it
 RANDOM_BITS = 128  # random bits a block's key must chain through to count as private (module docstring)
 
 
@@ -117,20 +120,43 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
         for spec in workload:
             if spec.arrival_time > env.now:
                 yield env.timeout(spec.arrival_time - env.now)
-            if cap is None:
+            if cap is None and direct:
+                _StartNow(env, send(make_request(spec, env.now), spec.client_id))
+            elif cap is None:
                 env.process(serve(make_request(spec, env.now), spec.client_id))
             else:
                 slot = cap.request()
                 yield slot  # like vLLM's --max-concurrency: the client holds the request back
                 env.process(_hold(cap, slot, serve(make_request(spec, env.now), spec.client_id)))
 
+    def send(req: Request, client: int | None) -> Callable[[simpy.Event], None]:
+        """What a `serve` process does without timeouts or routing, as a callback (Replica.submit's `then`)."""
+        return lambda _event: replicas[0].submit(req, lambda r: record(r, client))
+
     def _hold(cap, slot, proc):
         yield from proc
         cap.release(slot)
 
+    def start_client(c: int):
+        """A client with nothing to wait for but its answers: each one sends the next request (Replica.submit's `then`)."""
+        replica = replicas[0]
+
+        def then(req: Request) -> None:
+            record(req, c)
+            spec = workload.next_for_client(c)  # think time 0: no pause, and no draw (ThinkTime.sample)
+            if spec is not None:
+                replica.submit(make_request(spec, env.now), then)
+        spec = workload.next_for_client(c)
+        if spec is not None:
+            replica.submit(make_request(spec, env.now), then)
+        yield from ()  # a process like `client`, so the first requests go out in the same order
+
+    # Without timeouts, think times or routing a client only sends and records: no process or event per request.
+    direct = DIRECT_CLIENTS and timeout <= 0 and len(replicas) == 1
     if isinstance(workload, ClosedLoopWorkload):
+        direct = direct and workload.think_time.mean_s == 0
         for c in range(workload.num_clients):
-            env.process(client(c))
+            env.process(start_client(c) if direct else client(c))
     else:
         env.process(open_loop())
     try:
@@ -151,6 +177,20 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
         busy_fraction=sum(r.busy_s for r in replicas) / (env.now * len(replicas)) if env.now else 0.0,
         preemptions=sum(r.scheduler.num_preemptions for r in replicas),
         peak_kv_usage=peak_kv_usage, memory=plan.to_dict(), timeseries=series)
+
+
+class _StartNow(simpy.events.Event):
+    """Runs callback at the current time where a process started now would take its first step.
+
+    Built like simpy.events.Initialize (the event env.process schedules): triggered, at URGENT priority.
+    """
+
+    def __init__(self, env: simpy.Environment, callback: Callable[[simpy.Event], None]):
+        super().__init__(env)
+        self.callbacks.append(callback)
+        self._ok = True
+        self._value = None
+        env.schedule(self, simpy.events.URGENT)
 
 
 @contextmanager
