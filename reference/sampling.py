@@ -28,9 +28,19 @@ def _filter(logits: Array, temperature: Array, top_k: Array, top_p: Array) -> Ar
     return jnp.where(x < threshold, -jnp.inf, x)
 
 
-def _sample_row(logits, temperature, top_k, top_p, seed, position):
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), position)
-    return jax.random.categorical(key, _filter(logits, temperature, top_k, top_p)).astype(jnp.int32)
+def _key(seed, position):
+    return jax.random.fold_in(jax.random.PRNGKey(seed), position)
+
+
+def _filtered_row(logits, temperature, top_k, top_p, seed, position):
+    return jax.random.categorical(_key(seed, position), _filter(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def _plain_row(logits, temperature, seed, position):
+    # No top-k/top-p: the same draw as _filtered_row (the same key and Gumbel noise over the same scaled
+    # logits), without the sort of the vocabulary that the filter needs, the step's largest cost when
+    # sampling on CPU (experiments/results/server16/sampling_what_if.txt).
+    return jax.random.categorical(_key(seed, position), logits / jnp.maximum(temperature, 1e-6)).astype(jnp.int32)
 
 
 def sample(logits: Array, temperature: Array, top_k: Array, top_p: Array, seeds: Array,
@@ -38,12 +48,19 @@ def sample(logits: Array, temperature: Array, top_k: Array, top_p: Array, seeds:
     """One token per row. logits [B, V] float32; temperature, top_p [B] float32; top_k [B] int32
     (0 = off); seeds [B] uint32; positions [B] int32 (of the token being sampled) -> tokens [B] int32.
 
-    temperature 0 is greedy (argmax). The sort for top-k/top-p runs only if some row samples.
+    temperature 0 is greedy (argmax). The vocabulary is sorted (for top-k/top-p) only if some sampled row
+    filters; a step where every row is greedy draws nothing.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    sampled = temperature > 0  # [B]
 
-    def stochastic(_):
-        drawn = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, seeds, positions)  # [B]
-        return jnp.where(temperature > 0, drawn, greedy)
+    def plain(_):
+        return jnp.where(sampled, jax.vmap(_plain_row)(logits, temperature, seeds, positions), greedy)
 
-    return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)
+    def filtered(_):
+        drawn = jax.vmap(_filtered_row)(logits, temperature, top_k, top_p, seeds, positions)  # [B]
+        return jnp.where(sampled, drawn, greedy)
+
+    filters = jnp.any(sampled & ((top_k > 0) | (top_p < 1)))
+    branch = jnp.where(filters, 2, jnp.where(jnp.any(sampled), 1, 0))
+    return jax.lax.switch(branch, [lambda _: greedy, plain, filtered], None)

@@ -326,3 +326,19 @@ def test_the_pallas_kernel_serves_the_paged_runner():
     with pytest.raises(ConfigError) as e:
         paged(attention="cuda")
     assert e.value.field == "attention" and "pallas" in e.value.allowed
+
+
+def test_unfiltered_draw_skips_the_sort_and_draws_the_same_tokens():
+    """With top-k off and top-p 1, the sampler's plain path gives the filtering path's very tokens."""
+    rng = np.random.default_rng(0)
+    n, V = 64, 512
+    logits = jnp.asarray(rng.normal(size=(n, V)) * 3, jnp.float32)
+    temps = jnp.asarray(rng.uniform(0.2, 2.0, size=n), jnp.float32)
+    seeds = jnp.asarray(rng.integers(0, 2**32, size=n), jnp.uint32)
+    positions = jnp.arange(n, dtype=jnp.int32)
+    off_k, off_p = jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32)
+    plain = sample(logits, temps, off_k, off_p, seeds, positions)
+    # One row with top-k = V filters nothing but sends the whole batch through the sorting path.
+    forced = sample(logits, temps, off_k.at[0].set(V), off_p, seeds, positions)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(forced))
+    assert len(set(np.asarray(plain).tolist())) > 10  # really drawn, not greedy
