@@ -9,6 +9,11 @@ its flags once: set XLA_FLAGS outside), medians over `--reps` calls, each piece 
                       sampling) called on a prepared batch already on the device
     runner.execute    + the host side: prepare (padding, block tables), device_put, token fetch
     engine.step       + the scheduler: schedule and update around execute
+    ..., <copy>       the first two again on a copy of the matrices (reference.model.with_matmul_dtype:
+                      float32 or bfloat16, [out, in] layout "oi" or [in, out] with an untied head "io"),
+                      what ModelRunner(matmul_dtype=...) runs (oi below batched_from tokens, io above)
+
+The runner is the server's (runner options of sim.lab.server.engine_loop), float32.
 
     PYTHONPATH=$PWD XLA_FLAGS=--xla_cpu_use_xnnpack=true python experiments/benchmarks/decode_breakdown.py
 """
@@ -24,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from reference.engine import Engine
-from reference.model import forward_hidden, lm_head
+from reference.model import forward_hidden, lm_head, with_matmul_dtype
 from reference.request import Request, SamplingParams
-from reference.runner import _COMPILED, ModelRunner
+from reference.runner import ModelRunner, _jitted_step
 from reference.schedulers.continuous import ContinuousScheduler
 from sim.lab.server.engine_loop import serving_runner_options, step_limits
 
@@ -42,7 +47,7 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(ts)
 
 
-def weights_only(runner: ModelRunner, rows: int):
+def weights_only(runner: ModelRunner, rows: int, params):
     """A callable running the decoder over `rows` tokens without any cache (attention = identity)."""
     cfg = runner.cfg
 
@@ -53,7 +58,7 @@ def weights_only(runner: ModelRunner, rows: int):
 
     tokens = jnp.arange(rows, dtype=jnp.int32) + 300
     positions = jnp.full(rows, 100, jnp.int32)
-    return lambda: f(runner.params, tokens, positions).block_until_ready()
+    return lambda: f(params, tokens, positions).block_until_ready()
 
 
 def measure(model: str, clients: int, context: int, reps: int, dtype: str) -> dict[str, float]:
@@ -70,23 +75,32 @@ def measure(model: str, clients: int, context: int, reps: int, dtype: str) -> di
     params = SamplingParams(max_tokens=1024 - context, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         assert engine.add(Request(f"r{i}", p, params, arrival_time=engine.now())), "request refused"
-    while any(r.num_output_tokens == 0 for r in sched.running) or len(sched.running) < clients:
+    while len(sched.running) < clients or any(r.num_computed_tokens < r.num_tokens - 1 for r in sched.running):
         engine.step()
     out = sched.schedule(engine.now())  # a decode step, run repeatedly below (same tokens, same slots)
     assert all(c.is_decode for c in out.chunks), "not a decode step"
     step = runner.prepare(out.chunks, out.block_copies)
-    runner.compile(step)
-    compiled = _COMPILED[runner._compile_key(step)]
 
-    def device_step():
-        tokens, _, runner.cache = compiled(runner.params, runner.cache, step.batch)
-        tokens.block_until_ready()
+    def device_step(params):
+        compiled = _jitted_step.lower(params, runner.cache, step.batch, **runner._static(step)).compile()
 
-    res = {"weights only": median_ms(weights_only(runner, step.padded.decode_rows), reps),
-           "+ KV cache (compiled step)": median_ms(device_step, reps),
+        def run():
+            tokens, _, runner.cache = compiled(params, runner.cache, step.batch)
+            tokens.block_until_ready()
+        return run
+
+    rows = step.padded.decode_rows
+    res = {"weights only": median_ms(weights_only(runner, rows, runner.params), reps),
+           "+ KV cache (compiled step)": median_ms(device_step(runner.params), reps),
            "runner.execute": median_ms(lambda: runner.execute(out), reps)}
     sched.update(out, runner.execute(out), engine.now())
     res["engine.step"] = median_ms(engine.step, reps)
+    for dt in ("float32", "bfloat16"):
+        for out_in in (True, False):
+            copy = with_matmul_dtype(runner.params, dt, out_in=out_in)
+            name = f"{'f32' if dt == 'float32' else 'bf16'} {'oi' if out_in else 'io'}"
+            res[f"weights only, {name}"] = median_ms(weights_only(runner, rows, copy), reps)
+            res[f"+ KV cache, {name}"] = median_ms(device_step(copy), reps)
     return res
 
 
