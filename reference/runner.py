@@ -131,7 +131,8 @@ class ModelRunner:
     matmul_dtype (None, "float32" or "bfloat16"): the steps run on copies of the matrices in that dtype
     (model.with_matmul_dtype), laid out for XLA's CPU dots: steps of fewer than batched_from (padded)
     tokens on [out, in] matrices (fast matrix-vector products), the others on [in, out] ones with an
-    untied [E, V] LM head (fast batches); activations, norms and the KV cache keep `dtype`. The
+    untied [E, V] LM head (fast batches; bfloat16 [out, in] is fast for one row only, hence the default
+    batched_from=2); activations, norms and the KV cache keep `dtype`. The
     float32 weights stay as `params` (the reference). bfloat16 changes results within its rounding
     (tests/test_runner_speed.py bounds it); off by default.
     """
@@ -142,7 +143,7 @@ class ModelRunner:
                  attention: str = "auto", max_seqs: int | None = None, max_tokens: int | None = None,
                  growth: int = 2, mixed_growth: int = 2, dynamic_context: bool = False,
                  max_context: int | None = None, mixed_floor: bool = False, coarse_mixed: bool = False,
-                 matmul_dtype: str | None = None, batched_from: int = 16):
+                 matmul_dtype: str | None = None, batched_from: int = 2):
         self.cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
         if name not in DTYPES:

@@ -13,8 +13,8 @@ the median decode step at 1 client (ms per output token) and the output throughp
     + XLA flag      each of EXTRA_XLA_FLAGS (set in a child process: XLA reads flags once); "1 thread"
                     turns off Eigen's thread pool (matmuls on one core, as llama-server -t 1)
     bfloat16        the server's runner in bfloat16 (weights and KV), to show what XLA's CPU dtype costs
-    + f32 relaid    the server's runner with matmul_dtype="float32": matrices [out, in] for steps under 16
-                    tokens, [in, out] with an untied LM head from 16 (ModelRunner matmul_dtype)
+    + f32 relaid    the server's runner with matmul_dtype="float32": matrices [out, in] for one-token
+                    steps, [in, out] with an untied LM head from 2 tokens (ModelRunner matmul_dtype)
     + bf16 matmuls  the same copies in bfloat16 (activations, norms and KV stay float32)
 
 The variants run interleaved, `--repeats` rounds, so machine load hits each alike; medians are printed
