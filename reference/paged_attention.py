@@ -38,8 +38,8 @@ def write_kv(k_cache: Array, v_cache: Array, k: Array, v: Array, slot_mapping: A
     """
     # Indexed as (row, offset) on the 4-D array, not through a reshape to [R * N, K, D]: with the
     # reshape, XLA CPU turns a one-token write into a dynamic-update-slice that it duplicates across
-    # the bitcast and then copies the whole donated cache (2 x 33 MB per layer on small-100m, ~40%
-    # of a one-sequence decode step; experiments/results/server16/engine_speed16.md).
+    # the bitcast and then copies the donated cache in its program (no run-time cost was measurable,
+    # but the program without copies is the one to keep; experiments/results/server16/engine_speed16.md).
     N = k_cache.shape[1]
     row, offset = slot_mapping // N, slot_mapping % N  # a slot past the end has row >= R: dropped
     return (k_cache.at[row, offset].set(k.astype(k_cache.dtype), mode="drop"),
