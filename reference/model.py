@@ -89,6 +89,42 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32) -> Pa
     return Params(embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
 
 
+@jax.tree_util.register_dataclass
+@dataclass
+class OutIn:
+    """A matrix stored transposed, [out, in] (linear computes x @ t.T).
+
+    XLA's CPU matrix-vector product in bfloat16 is fast only in this layout (the contracted axis
+    contiguous), and slow in [in, out]; a batch of rows is the other way round.
+    """
+
+    t: Array  # [out, in]
+
+
+def with_matmul_dtype(params: Params, dtype: Any, out_in: bool = False) -> Params:
+    """The same weights with every matrix (projections, MLP, LM head) in `dtype`, for a step's speed.
+
+    out_in: matrices stored [out, in] (OutIn) and the LM head tied to the embedding, the layout of
+    XLA CPU's fast one-row products; else [in, out] with the LM head its own [E, V] copy (a batch's).
+    Norm weights and biases keep their dtype, and so do the activations (they follow the norm
+    weights, see forward_hidden): each matmul multiplies its input cast to `dtype`, accumulating in
+    float32 (`linear`). experiments/results/server16/ has the measurements behind both layouts.
+    """
+    def cast(w):
+        return OutIn(jnp.asarray(w.T, dtype)) if out_in else jnp.asarray(w, dtype)
+
+    layers = [LayerParams(attn_norm=lp.attn_norm, wq=cast(lp.wq), wk=cast(lp.wk), wv=cast(lp.wv), wo=cast(lp.wo),
+                          bq=lp.bq, bk=lp.bk, bv=lp.bv, mlp_norm=lp.mlp_norm, w_gate=cast(lp.w_gate),
+                          w_up=cast(lp.w_up), w_down=cast(lp.w_down)) for lp in params.layers]
+    head = params.embed.T if params.lm_head is None else params.lm_head  # [E, V]
+    if out_in:  # tied: hidden @ embed.T is already the [out, in] product; an untied head is stored so
+        head = None if params.lm_head is None else OutIn(jnp.asarray(head.T, dtype))
+    else:
+        head = jnp.asarray(head, dtype)
+    embed = jnp.asarray(params.embed, dtype if head is None else params.embed.dtype)
+    return Params(embed=embed, layers=layers, final_norm=params.final_norm, lm_head=head)
+
+
 def param_bytes(params: Params) -> int:
     """Bytes of all weights (each read once per forward step)."""
     return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params))
@@ -138,6 +174,17 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return x * cos + rotated * sin
 
 
+def linear(x: Array, w: Array) -> Array:
+    """x [..., in] @ w [in, out] -> [..., out] in x's dtype, accumulated in float32.
+
+    x is cast to w's dtype first, so a float32 model with bfloat16 matrices (with_matmul_dtype) runs
+    bfloat16 dots rather than converting the matrix to float32 on every step. w may be OutIn.
+    """
+    if isinstance(w, OutIn):
+        return jnp.matmul(x.astype(w.t.dtype), w.t.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def causal_attention(q: Array, k: Array, v: Array) -> Array:
     """Plain causal attention with GQA, no cache. q [B, T, H, D], k, v [B, T, K, D] -> [B, T, H, D]."""
     B, T, H, D = q.shape
@@ -165,7 +212,7 @@ def decoder_layer(layer: LayerParams, cfg: ModelConfig, x: Array, positions: Arr
     lead = x.shape[:-1]  # (..., T)
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)  # [..., T, E]
-        q, k, v = h @ layer.wq, h @ layer.wk, h @ layer.wv  # [..., T, H*D], [..., T, K*D] x2
+        q, k, v = linear(h, layer.wq), linear(h, layer.wk), linear(h, layer.wv)  # [..., T, H*D], [..., T, K*D] x2
         if layer.bq is not None:
             q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
         q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)  # [..., T, H, D]
@@ -173,10 +220,10 @@ def decoder_layer(layer: LayerParams, cfg: ModelConfig, x: Array, positions: Arr
         v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)  # [..., T, K, D]
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         o, layer_cache = attend(q, k, v, layer_cache)  # [..., T, H, D]
-        x = x + o.reshape(*lead, cfg.q_size) @ layer.wo  # [..., T, E]
+        x = x + linear(o.reshape(*lead, cfg.q_size), layer.wo)  # [..., T, E]
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)  # [..., T, E]
-        x = x + (jax.nn.silu(h @ layer.w_gate) * (h @ layer.w_up)) @ layer.w_down  # [..., T, E]
+        x = x + linear(jax.nn.silu(linear(h, layer.w_gate)) * linear(h, layer.w_up), layer.w_down)  # [..., T, E]
     return x, layer_cache
 
 
@@ -185,10 +232,11 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
     """Embedding and all decoder layers, then the final norm.
 
     tokens, positions [..., T] -> (hidden [..., T, E], cache). `cache` is a per-layer list
-    handed to attend(layer_index, q, k, v, cache[layer_index]) and returned updated.
+    handed to attend(layer_index, q, k, v, cache[layer_index]) and returned updated. Activations
+    are in the dtype of the norm weights (the matrices may be narrower: with_matmul_dtype).
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))  # [D/2]
-    x = params.embed[tokens]  # [..., T, E]
+    x = params.embed[tokens].astype(params.final_norm.dtype)  # [..., T, E]
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
@@ -205,7 +253,9 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
 def lm_head(params: Params, hidden: Array) -> Array:
     """Logits in float32: hidden [..., E] -> [..., V] (tied: hidden @ embed^T)."""
     w = params.embed.T if params.lm_head is None else params.lm_head  # [E, V]
-    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+    if isinstance(w, OutIn):  # [V, E]
+        return jnp.matmul(hidden.astype(w.t.dtype), w.t.T, preferred_element_type=jnp.float32)
+    return jnp.matmul(hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def forward_dense(params: Params, cfg: ModelConfig, tokens: Array) -> Array:

@@ -36,10 +36,14 @@ def write_kv(k_cache: Array, v_cache: Array, k: Array, v: Array, slot_mapping: A
     Paged padding tokens point at the null block (slot 0 .. block_size-1); indices past the end
     (contiguous padding) are dropped.
     """
-    R, N, K, D = k_cache.shape
-    k_flat = k_cache.reshape(R * N, K, D).at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
-    v_flat = v_cache.reshape(R * N, K, D).at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
-    return k_flat.reshape(R, N, K, D), v_flat.reshape(R, N, K, D)
+    # Indexed as (row, offset) on the 4-D array, not through a reshape to [R * N, K, D]: with the
+    # reshape, XLA CPU turns a one-token write into a dynamic-update-slice that it duplicates across
+    # the bitcast and then copies the donated cache in its program (no run-time cost was measurable,
+    # but the program without copies is the one to keep; experiments/results/server16/engine_speed16.md).
+    N = k_cache.shape[1]
+    row, offset = slot_mapping // N, slot_mapping % N  # a slot past the end has row >= R: dropped
+    return (k_cache.at[row, offset].set(k.astype(k_cache.dtype), mode="drop"),
+            v_cache.at[row, offset].set(v.astype(v_cache.dtype), mode="drop"))
 
 
 def attend_tiles(q: Array, q_pos: Array, k: Array, v: Array, context_lens: Array) -> Array:

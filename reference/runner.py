@@ -31,7 +31,7 @@ from reference.buckets import Padding, PaddedStep
 from reference.config import ModelConfig, get_preset
 from reference.errors import ConfigError
 from reference.layout import Layout, PagedLayout, SlotLayout
-from reference.model import Params, forward_hidden, init_params, lm_head, param_bytes
+from reference.model import Params, forward_hidden, init_params, lm_head, param_bytes, with_matmul_dtype
 from reference.paged_attention import write_kv
 from reference.sampling import sample
 
@@ -128,6 +128,13 @@ class ModelRunner:
     scheduler's limits) cap the buckets, growth / mixed_growth / coarse_mixed coarsen them, and dynamic_context
     walks the context at run time instead of padding it to a bucket; then `shapes()` lists every
     step shape it can meet and `compile_shape` compiles one without a real step.
+    matmul_dtype (None, "float32" or "bfloat16"): the steps run on copies of the matrices in that dtype
+    (model.with_matmul_dtype), laid out for XLA's CPU dots: steps of fewer than batched_from (padded)
+    tokens on [out, in] matrices (fast matrix-vector products), the others on [in, out] ones with an
+    untied [E, V] LM head (fast batches; bfloat16 [out, in] is fast for one row only, hence the default
+    batched_from=2); activations, norms and the KV cache keep `dtype`. The
+    float32 weights stay as `params` (the reference). bfloat16 changes results within its rounding
+    (tests/test_runner_speed.py bounds it); off by default.
     """
 
     def __init__(self, cfg: ModelConfig | str, params: Params | None = None, *, layout: Layout,
@@ -135,7 +142,8 @@ class ModelRunner:
                  min_tokens: int = 16, min_seqs: int = 4, min_blocks: int = 4, query_tile: int = 32,
                  attention: str = "auto", max_seqs: int | None = None, max_tokens: int | None = None,
                  growth: int = 2, mixed_growth: int = 2, dynamic_context: bool = False,
-                 max_context: int | None = None, mixed_floor: bool = False, coarse_mixed: bool = False):
+                 max_context: int | None = None, mixed_floor: bool = False, coarse_mixed: bool = False,
+                 matmul_dtype: str | None = None, batched_from: int = 2):
         self.cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
         if name not in DTYPES:
@@ -147,6 +155,18 @@ class ModelRunner:
         self.layout = layout
         self.access = kvc.access_for(layout, attention)
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else params
+        if matmul_dtype is not None and matmul_dtype not in DTYPES:
+            raise ConfigError("matmul_dtype", f"unsupported dtype {matmul_dtype!r}", ", ".join(DTYPES) + " or None")
+        if batched_from < 1:
+            raise ConfigError("batched_from", f"got {batched_from}", "at least 1 token")
+        self.few_rows_params = self.batched_params = None
+        if matmul_dtype is not None:
+            self.few_rows_params = with_matmul_dtype(self.params, DTYPES[matmul_dtype], out_in=True)
+            self.batched_params = with_matmul_dtype(self.params, DTYPES[matmul_dtype], out_in=False)
+        self.batched_from = batched_from
+        self._signatures = {id(p): (jax.tree_util.tree_structure(p),
+                                    tuple((x.shape, x.dtype.name) for x in jax.tree_util.tree_leaves(p)))
+                            for p in (self.params, self.few_rows_params, self.batched_params) if p is not None}
         self.cache = kvc.allocate(self.cfg, layout, self.dtype)
         self.sampling_seed = sampling_seed
         self.query_tile = query_tile
@@ -158,7 +178,6 @@ class ModelRunner:
                                           coarse_mixed=coarse_mixed)
         self.chunk = (dyn.chunk_for(self.padding.context_cap, self.padding.block_size) if dynamic_context else 0)
         self.num_compilations = 0  # step shapes this runner compiled (a shape another runner compiled is free)
-        self._params_signature = tuple((x.shape, x.dtype.name) for x in jax.tree_util.tree_leaves(self.params))
         self._last_logits = None
         self._last_rows = np.zeros(0, np.int64)
 
@@ -166,7 +185,7 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights on device."""
+        """Bytes of the weights one step reads (the batched_dtype copy, when there is one, is extra memory)."""
         return param_bytes(self.params)
 
     @property
@@ -300,13 +319,19 @@ class ModelRunner:
         key = self._compile_key(step)
         if key in _COMPILED:
             return False
-        _COMPILED[key] = _jitted_step.lower(self.params, self.cache, step.batch, **self._static(step)).compile()
+        _COMPILED[key] = _jitted_step.lower(self._params_for(step), self.cache, step.batch,
+                                            **self._static(step)).compile()
         self.num_compilations += 1
         return True
 
+    def _params_for(self, step: PreparedStep) -> Params:
+        """The weights this step runs with (matmul_dtype: the copy laid out for its number of tokens)."""
+        if self.batched_params is None:
+            return self.params
+        return self.batched_params if step.padded.tokens >= self.batched_from else self.few_rows_params
+
     def _compile_key(self, step: PreparedStep) -> tuple:
-        return (self.cfg, self._params_signature, jnp.dtype(self.dtype).name, self.access, self.query_tile, self.chunk,
-                step.key)
+        return (self.cfg, self._signatures[id(self._params_for(step))], jnp.dtype(self.dtype).name, self.access, self.query_tile, self.chunk, step.key)
 
     def run(self, step: PreparedStep) -> list[int]:
         """Device side of a step: block copies, then the compiled forward + sampling; token ids to host."""
@@ -315,7 +340,8 @@ class ModelRunner:
         if not step.samples:
             return []
         self.compile(step)
-        tokens, self._last_logits, self.cache = _COMPILED[self._compile_key(step)](self.params, self.cache, step.batch)
+        tokens, self._last_logits, self.cache = _COMPILED[self._compile_key(step)](self._params_for(step), self.cache,
+                                                                                   step.batch)
         self._last_rows = step.rows
         host = np.asarray(tokens)[step.rows]  # the only device -> host transfer: [Sd + Sp] int32
         return [int(tok) for tok, s in zip(host, step.samples) if s]

@@ -13,6 +13,9 @@ the median decode step at 1 client (ms per output token) and the output throughp
     + XLA flag      each of EXTRA_XLA_FLAGS (set in a child process: XLA reads flags once); "1 thread"
                     turns off Eigen's thread pool (matmuls on one core, as llama-server -t 1)
     bfloat16        the server's runner in bfloat16 (weights and KV), to show what XLA's CPU dtype costs
+    + f32 relaid    the server's runner with matmul_dtype="float32": matrices [out, in] for one-token
+                    steps, [in, out] with an untied LM head from 2 tokens (ModelRunner matmul_dtype)
+    + bf16 matmuls  the same copies in bfloat16 (activations, norms and KV stay float32)
 
 The variants run interleaved, `--repeats` rounds, so machine load hits each alike; medians are printed
 with the load average. Cores: XLA's CPU client uses every core it is given (`taskset -c 0` to pin one).
@@ -39,6 +42,9 @@ VARIANTS = {
     "dynamic ctx + onednn": dict(server=True, xla="onednn"),
     "dynamic ctx, 1 thread": dict(server=True, xla="1 thread"),
     "bfloat16": dict(server=True, dtype="bfloat16"),
+    "dynamic ctx + f32 relaid": dict(server=True, matmul_dtype="float32"),
+    "dynamic ctx + bf16 matmuls": dict(server=True, matmul_dtype="bfloat16"),
+    "dynamic ctx + bf16 matmuls + xnnpack": dict(server=True, matmul_dtype="bfloat16", xla="xnnpack"),
 }
 
 
@@ -58,7 +64,8 @@ def measure(model: str, variant: dict, clients: tuple[int, ...], prompt_len: int
         options = serving_runner_options(step_limits(sched))
     else:
         options = dict(min_seqs=variant["min_seqs"])
-    runner = ModelRunner(model, layout=sched.layout, dtype=variant.get("dtype", "float32"), attention="jnp", **options)
+    runner = ModelRunner(model, layout=sched.layout, dtype=variant.get("dtype", "float32"), attention="jnp",
+                         matmul_dtype=variant.get("matmul_dtype"), **options)
     engine = Engine(sched, runner)  # a warm-up pass per client count compiles the shapes it meets, off the clock
     rng = np.random.default_rng(0)
     out = {}

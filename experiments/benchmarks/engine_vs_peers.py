@@ -7,7 +7,9 @@ throughput with 16 concurrent requests (tok/s, prefill included; one warm-up wav
 servers run one at a time (ports 8121-8122, stopped after their measurement), so none competes
 with another for the two cores. Cores: llama-server `-t 1` computes on one thread; vLLM's CPU
 worker is pinned to one core (its API server on the other); ours runs XLA's CPU client with every
-core it is given (both; `--our-cores 0` pins it to one with taskset).
+core it is given (both; `--our-cores 0` pins it to one with taskset). `--ours` names the variants of
+experiments/benchmarks/engine_speed.py to run (default: the server's float32 runner, and the same
+with bfloat16 matrix copies, ModelRunner matmul_dtype="bfloat16").
 
     PYTHONPATH=$PWD python experiments/benchmarks/engine_vs_peers.py [--peers /work/peers]
 """
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--our-cores", default=None, help="taskset CPU list for our engine (default: all cores)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["llama", "vllm", "ours"])
+    ap.add_argument("--ours", nargs="+", default=["dynamic ctx", "dynamic ctx + bf16 matmuls"])
     ap.add_argument("--logs", type=Path, default=Path("/tmp"))
     args = ap.parse_args()
     peers = Path(args.peers)
@@ -121,8 +124,8 @@ def main() -> None:
             "vllm", [str(ROOT / "experiments/peers/vllm.sh"), "serve", str(ckpt / "hf"), "8122"], dict(os.environ),
             "http://127.0.0.1:8122", prompts, args.out_len, args.logs / "peer-vllm.log", 900)
         loads.append(os.getloadavg()[0])
-    if "ours" not in args.skip:
-        cmd = [sys.executable, str(HERE / "engine_speed.py"), "--child", "dynamic ctx", "--model", "small-100m",
+    for variant in ([] if "ours" in args.skip else args.ours):
+        cmd = [sys.executable, str(HERE / "engine_speed.py"), "--child", variant, "--model", "small-100m",
                "--prompt", "100", "--output", str(args.out_len), "--clients", "1", str(args.clients)]
         if args.our_cores:
             cmd = ["taskset", "-c", args.our_cores] + cmd
@@ -131,7 +134,7 @@ def main() -> None:
         res = json.loads(line[7:])
         cores = f"taskset {args.our_cores}" if args.our_cores else f"{os.cpu_count()} cores"
         flags = os.environ.get("XLA_FLAGS", "")
-        rows[f"servesim JAX f32, server runner ({cores}{', ' + flags if flags else ''})"] = \
+        rows[f"servesim JAX, server runner, {variant!r} ({cores}{', ' + flags if flags else ''})"] = \
             (res["1"][0], res[str(args.clients)][1])
         loads.append(os.getloadavg()[0])
     print(f"\nsmall-100m, 100 in / {args.out_len} out, greedy; load average {min(loads):.1f}-{max(loads):.1f}")
