@@ -28,6 +28,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from sim.lab.http_bench import wait_healthy
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
@@ -68,27 +70,11 @@ async def measure_http(url: str, model: str, prompts: list[list[int]], out_len: 
     return 1e3 * statistics.mean(tpot), sum(n for n, _, _ in res) / wall
 
 
-def wait_http(url: str, proc, timeout: float) -> None:
-    import httpx
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
-
-
 def run_peer(name: str, cmd: list[str], env: dict, url: str, prompts, out_len: int, log: Path, timeout: float):
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
                             start_new_session=True)
     try:
-        wait_http(url, proc, timeout)
+        wait_healthy(url, proc, timeout, poll_s=1)
         return asyncio.run(measure_http(url, "servesim", prompts, out_len))
     finally:
         os.killpg(proc.pid, 15)

@@ -46,6 +46,7 @@ from reference.engine import Engine
 from reference.tokenizer import ByteTokenizer
 from sim.lab.bench import ClosedLoopSource
 from sim.lab.experiment import load_experiment
+from sim.lab.http_bench import wait_healthy
 from sim.lab.server.engine_loop import build_engine, enable_compilation_cache
 
 HERE = Path(__file__).resolve().parent
@@ -101,21 +102,6 @@ def write_config(path: Path, engine: str, users: int, per_user: int, out: int) -
     path.write_text(CONFIG.format(engine=engine, users=users, per_user=per_user, prompt=PROMPT_TOKENS, out=out)
                     + ENGINES[engine])
     return path
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
-    """Seconds until url's /health is 200."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return time.time() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("server not ready")
 
 
 def metrics(url: str, names) -> dict[str, float]:
@@ -325,7 +311,7 @@ def main() -> None:
 
     try:
         for e in engines:  # both compile at once; each reports its own start-up compile time
-            rows[e]["ready_s"] = wait_ready(urls[e], procs[e], args.ready_timeout)
+            rows[e]["ready_s"] = wait_healthy(urls[e], procs[e], args.ready_timeout)
             m = metrics(urls[e], ("servesim:compilations_startup", "servesim:compile_startup_seconds"))
             rows[e]["startup_compiles"] = m["servesim:compilations_startup"]
         for e in engines:

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -218,6 +221,25 @@ def server_model(base_url: str) -> dict:
     if not models:
         raise RuntimeError(f"{base_url}/models lists no model")
     return models[0]
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen, timeout_s: float, poll_s: float = 0.5) -> float:
+    """Seconds (wall) until base_url + "/health" answers 200, for a server started as proc (ours, vLLM, llama-server).
+
+    RuntimeError if proc exits first (its exit code), TimeoutError after timeout_s seconds.
+    """
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {base_url}/health answered")
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return time.time() - t0
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"{base_url}/health did not answer 200 within {timeout_s:g} s")
 
 
 def run_http_bench(exp: Experiment, base_url: str, out_dir: str | Path, *, resume: bool = True,
