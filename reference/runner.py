@@ -185,7 +185,8 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights one step reads (the batched_dtype copy, when there is one, is extra memory)."""
+        """Bytes of `params`, the reference weights. With matmul_dtype a step reads one of its copies instead
+        (half these bytes in bfloat16), and the two copies are memory on top of this figure."""
         return param_bytes(self.params)
 
     @property
