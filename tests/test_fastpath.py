@@ -67,6 +67,7 @@ def workloads(draw, max_requests: int = 30) -> dict:
     rnd = random.Random(draw(st.integers(0, 2 ** 32)))
     unique = draw(st.booleans())
     prefixes = [[rnd.randint(1, 3) for _ in range(rnd.randint(1, 40))] for _ in range(2)]
+    heads = [tuple(p) for p in prefixes]  # one object per prefix, shared by its requests, as the simulator's are
     n = draw(st.integers(1, max_requests))
     spread = draw(st.sampled_from([0, 3, 40]))
     reqs = []
@@ -80,7 +81,7 @@ def workloads(draw, max_requests: int = 30) -> dict:
         abort = rnd.randint(0, 60) if rnd.random() < 0.15 else None
         reqs.append(dict(prompt=prefix + rest, max_tokens=rnd.randint(1, 25), arrival=rnd.randint(0, spread),
                          abort=abort, mid_step=rnd.random() < 0.5, unique_from=len(prefix) if unique else None,
-                         head=tuple(prefix)))
+                         head=heads[pid] if pid is not None else ()))
     return dict(requests=reqs, unique=unique)
 
 

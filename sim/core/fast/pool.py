@@ -26,11 +26,12 @@ from collections import OrderedDict
 
 from reference.request import Request
 from sim.core.fast.decode_group import SIM_TOKEN
-from sim.core.fast.request import prompt_slice
+from sim.core.fast.request import prompt_slice, shared_head
 
 ALL_BLOCKS = 1 << 62  # n_exact of a request whose every block may be shared
 _NO_HITS: tuple[list[int], list, int] = ((), (), 0)  # lookup's answer when nothing can hit
 _ROOT_HASH = 0  # BlockManager's parent hash of a first block
+_HEAD_MEMO_LIMIT = 1024  # shared heads whose keys are remembered (cleared beyond: a workload of many prefixes)
 
 
 class Run:
@@ -75,6 +76,7 @@ class HybridPool:
         self.dup = 0  # sum over exact blocks of (references - 1): tokens counted twice in a sum of fills, / block_size
         self.num_evictions = 0
         self._handles = itertools.count(1)
+        self._head_keys: dict[int, tuple[object, list]] = {}  # id(head) -> (head, keys of its whole blocks)
 
     def holding(self, unique_from: int | None) -> Holding:
         """A fresh holding for a request whose content is unique from position unique_from on (None: never)."""
@@ -97,10 +99,31 @@ class HybridPool:
         """BlockManager's cache keys of req's first n blocks, (hash of the parent's key, its tokens), computed once."""
         keys = hold.keys
         bs = self.block_size
+        if len(keys) < n:
+            # A block inside the shared head has the same key in every request with that head (the key is its
+            # tokens and its parent's key): computed once per head, not once per request.
+            head = shared_head(req)
+            if len(head) >= bs:
+                shared = self._keys_of_head(head)
+                if len(keys) < len(shared):
+                    keys.extend(shared[len(keys):n])
         while len(keys) < n:
             j = len(keys)
             parent = hash(keys[-1]) if keys else _ROOT_HASH
             keys.append((parent, _block_tokens(req, j * bs, (j + 1) * bs)))
+        return keys
+
+    def _keys_of_head(self, head) -> list[tuple[int, tuple[int, ...]]]:
+        """The cache keys of the whole blocks of a shared head, as keys_upto computes them (remembered per head)."""
+        memo = self._head_keys.get(id(head))
+        if memo is not None and memo[0] is head:
+            return memo[1]
+        bs, keys = self.block_size, []
+        for j in range(len(head) // bs):
+            keys.append((hash(keys[-1]) if keys else _ROOT_HASH, tuple(head[j * bs:(j + 1) * bs])))
+        if len(self._head_keys) >= _HEAD_MEMO_LIMIT:
+            self._head_keys.clear()
+        self._head_keys[id(head)] = (head, keys)  # holding the head keeps its id from being reused
         return keys
 
     # ---- admission -----------------------------------------------------------------------------

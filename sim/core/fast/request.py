@@ -99,6 +99,15 @@ class LazyRequest(Request):
         return self._num_prompt + self.sampling.max_tokens
 
 
+def shared_head(req: Request) -> Sequence[int]:
+    """The prompt's first tokens that other requests may share (a LazyRequest's head; () for any other request).
+
+    Requests built from one shared prefix hold the same head object, which lets a reader compute what
+    depends only on those tokens once per head (sim.core.fast.pool's cache keys).
+    """
+    return req._head if req.__class__ is LazyRequest else ()
+
+
 def prompt_slice(req: Request, start: int, stop: int) -> Sequence[int]:
     """Prompt token ids [start, stop) of any request, drawing a lazy prompt only when needed."""
     if isinstance(req, LazyRequest):
