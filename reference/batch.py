@@ -130,6 +130,8 @@ class StepShape:
         the longest), for a caller that tracks decoders as a group (the simulator's fast path).
         """
         d_seq, kv, d_max = decodes
+        if d_seq < 0 or kv < 0 or d_max < 0:
+            raise ConfigError("decodes", f"(count, context sum, longest) must be >= 0, got {decodes}")
         qc = kv
         p_tok = p_seq = p_max = 0
         for n, ctx in chunks:  # hot path (once per simulated step): plain ints, no properties
@@ -147,7 +149,17 @@ class StepShape:
                 qc += n * (ctx - n) + n * (n + 1) // 2
                 if ctx > p_max:
                     p_max = ctx
-        return cls(p_tok, d_seq, p_seq, kv, qc, d_max, p_max)
+        # Every field is a sum of checked positive terms: built without __post_init__'s check (this runs once
+        # per simulated step), as the dataclass's own __init__ would set the slots.
+        shape = object.__new__(cls)
+        _set_prefill_tokens(shape, p_tok)
+        _set_decode_seqs(shape, d_seq)
+        _set_prefill_seqs(shape, p_seq)
+        _set_kv_read_tokens(shape, kv)
+        _set_attn_q_ctx(shape, qc)
+        _set_decode_max_context(shape, d_max)
+        _set_prefill_max_context(shape, p_max)
+        return shape
 
     def __add__(self, other: StepShape) -> StepShape:
         """Both batches in one step."""
@@ -155,6 +167,16 @@ class StepShape:
                          self.prefill_seqs + other.prefill_seqs, self.kv_read_tokens + other.kv_read_tokens,
                          self.attn_q_ctx + other.attn_q_ctx, max(self.decode_max_context, other.decode_max_context),
                          max(self.prefill_max_context, other.prefill_max_context))
+
+
+# The slots' setters (a frozen dataclass refuses attribute assignment; its own __init__ goes around it likewise).
+_set_prefill_tokens = StepShape.prefill_tokens.__set__
+_set_decode_seqs = StepShape.decode_seqs.__set__
+_set_prefill_seqs = StepShape.prefill_seqs.__set__
+_set_kv_read_tokens = StepShape.kv_read_tokens.__set__
+_set_attn_q_ctx = StepShape.attn_q_ctx.__set__
+_set_decode_max_context = StepShape.decode_max_context.__set__
+_set_prefill_max_context = StepShape.prefill_max_context.__set__
 
 
 def _require_int(value, field: str, lo: int) -> None:
