@@ -158,15 +158,23 @@ class HybridPool:
     def admit(self, hold: Holding, hits: list[int], runs: list[Run], private_hits: int, needed: int) -> bool:
         """Take the hits and grow the table to `needed` blocks; False, changing nothing, when the pool is too small."""
         ref = self.ref
-        revived = private_hits
+        revived = 0  # hits that are free (cached, in the LRU queue)
         for h in hits:
             if ref[h] == 0:
                 revived += 1
         fresh = needed - len(hits) - private_hits
-        if revived + fresh > self.free_total:
+        if private_hits + revived + fresh > self.free_total:
             return False
-        for h in hits:
-            self._take(h)
+        lru = self.lru
+        for h in hits:  # one more reference each; a free one leaves the LRU queue
+            r = ref[h]
+            if r:
+                ref[h] = r + 1
+            else:
+                del lru[h]
+                ref[h] = 1
+        self.free_total -= revived
+        self.dup += len(hits) - revived
         hold.real.extend(hits)
         for run in runs:
             del self.lru[run]
@@ -215,29 +223,6 @@ class HybridPool:
                 if entry.hi == entry.lo:
                     del lru[entry]
                     entry.owner.runs.remove(entry)
-
-    def _take(self, h: int) -> None:
-        if self.ref[h] == 0:
-            del self.lru[h]
-            self.free_total -= 1
-            self.ref[h] = 1
-        else:
-            self.ref[h] += 1
-            self.dup += 1
-
-    def _release(self, h: int) -> None:
-        r = self.ref[h] - 1
-        if r > 0:
-            self.ref[h] = r
-            self.dup -= 1
-            return
-        self.free_total += 1
-        if self.key_of[h] is not None:
-            self.ref[h] = 0
-            self.lru[h] = None
-        else:
-            del self.ref[h], self.key_of[h]
-            self.free_uncached += 1
 
     # ---- after a step --------------------------------------------------------------------------
     def register(self, hold: Holding, req: Request, num_computed: int) -> None:
@@ -289,8 +274,23 @@ class HybridPool:
             self.free_uncached += private - registered
             self.free_total += private
         if real:
-            for h in reversed(real):
-                self._release(h)
+            ref, key_of, lru = self.ref, self.key_of, self.lru
+            shared = freed = uncached = 0
+            for h in reversed(real):  # last to first: a block that becomes free joins the LRU queue in that order
+                r = ref[h] - 1
+                if r > 0:
+                    ref[h] = r
+                    shared += 1
+                elif key_of[h] is not None:
+                    ref[h] = 0
+                    lru[h] = None
+                    freed += 1
+                else:
+                    del ref[h], key_of[h]
+                    uncached += 1
+            self.dup -= shared
+            self.free_total += freed + uncached
+            self.free_uncached += uncached
             hold.real = []
         if hold.unreg:
             hold.unreg = []
