@@ -127,11 +127,14 @@ def _record_and_gaps(req: Request, *, engine: str, concurrency: int | None, requ
 
 
 def _record_values(req: Request, engine: str, concurrency: int | None, request_rate: float | None,
-                   client_id: int | None, keep_token_times: bool, itl: bool = True) -> tuple[list, np.ndarray | None]:
+                   client_id: int | None, keep_token_times: bool, itl: bool = True,
+                   missing: float | None = NAN) -> tuple[list, np.ndarray | None]:
     """request_record's values in REQUEST_COLUMNS order, and the inter-token gaps (ms; None with < 2 tokens).
 
     itl=False leaves itl_sum_ms, itl_mean_ms and itl_max_ms of a request with >= 2 tokens as None (and
     returns no gaps) for the caller to fill in (CellAccumulator computes them for many requests at once).
+    missing: the value of an undefined figure (NaN; None for a row bound for requests.csv, which the csv
+    module writes as an empty field with no pass over the row).
 
     Runs once per simulated request (a million times in a large run), so it reads the fields once,
     inlines _ms and builds a list, not a dict; the arithmetic is the same, operation for operation.
@@ -140,12 +143,12 @@ def _record_values(req: Request, engine: str, concurrency: int | None, request_r
     arrival = req.arrival_time
     first_token, finish, scheduled = req.first_token_time, req.finish_time, req.first_scheduled_time
     if arrival is None:
-        ttft = e2el = queue = NAN
+        ttft = e2el = queue = tpot = missing
     else:
-        ttft = NAN if first_token is None else (first_token - arrival) * 1e3
-        e2el = NAN if finish is None else (finish - arrival) * 1e3
-        queue = NAN if scheduled is None else (scheduled - arrival) * 1e3
-    tpot = (e2el - ttft) / (out - 1) if out > 1 and e2el == e2el and ttft == ttft else NAN  # noqa: PLR0124 (NaN)
+        ttft = missing if first_token is None else (first_token - arrival) * 1e3
+        e2el = missing if finish is None else (finish - arrival) * 1e3
+        queue = missing if scheduled is None else (scheduled - arrival) * 1e3
+        tpot = (e2el - ttft) / (out - 1) if out > 1 and finish is not None and first_token is not None else missing
     tt = req.token_times
     if len(tt) > 1 and not itl:
         gaps = None
@@ -159,13 +162,13 @@ def _record_values(req: Request, engine: str, concurrency: int | None, request_r
         itl_mean = itl_sum / itl_count
     else:
         gaps = None
-        itl_count, itl_sum, itl_max, itl_mean = 0, 0.0, NAN, NAN
+        itl_count, itl_sum, itl_max, itl_mean = 0, 0.0, missing, missing
     outcome = req.outcome
     return [
-        engine, concurrency, NAN if request_rate is None else float(request_rate), req.request_id, client_id,
+        engine, concurrency, missing if request_rate is None else float(request_rate), req.request_id, client_id,
         outcome.value if outcome is not None else "unfinished", req.reason,
-        arrival, NAN if scheduled is None else scheduled, NAN if first_token is None else first_token,
-        NAN if finish is None else finish,
+        arrival, missing if scheduled is None else scheduled, missing if first_token is None else first_token,
+        missing if finish is None else finish,
         req.num_prompt_tokens, out, req.sampling.max_tokens, req.num_cached_prompt_tokens, req.num_preemptions,
         queue, ttft, tpot, e2el,
         itl_count, itl_sum, itl_mean, itl_max,
@@ -614,7 +617,7 @@ class CellAccumulator:
             self.add(req, client_id)
             return
         values, _ = _record_values(req, self.engine, self.concurrency, self.request_rate, client_id,
-                                   self.keep_token_times, itl=False)
+                                   self.keep_token_times, itl=False, missing=None)
         self._store(values)
         if values[21] is None:  # >= 2 tokens: ITL figures to come
             self._deferred.append((values, len(self._outcome) - 1, req.token_times, values[5] == "completed"))
@@ -628,12 +631,15 @@ class CellAccumulator:
             self.flush()
 
     def _store(self, values: list) -> None:
-        """The summary columns of a row (its ITL sum and max may be None, filled in by _settle_itl)."""
+        """The summary columns of a row (None where undefined: NaN here; ITL sum and max may be filled in later)."""
         c = self._columns  # _STORED_INDEX, spelled out as this runs per request
         c[0].append(values[7])  # arrival_s
-        c[1].append(values[8])  # first_scheduled_s
-        c[2].append(values[9])  # first_token_s
-        c[3].append(values[10])  # finish_s
+        v = values[8]
+        c[1].append(NAN if v is None else v)  # first_scheduled_s
+        v = values[9]
+        c[2].append(NAN if v is None else v)  # first_token_s
+        v = values[10]
+        c[3].append(NAN if v is None else v)  # finish_s
         c[4].append(NAN if values[21] is None else values[21])  # itl_sum_ms
         c[5].append(NAN if values[23] is None else values[23])  # itl_max_ms
         c[6].append(values[11])  # prompt_tokens
@@ -706,7 +712,7 @@ class CellAccumulator:
     def _buffer(self, row: dict | None, values: list) -> None:
         """Keep the row for the sink (as values when values_sink takes them) or for `rows`."""
         if self.values_sink is not None:
-            self._values.append(values)
+            self._values.append(_csv_row(values))
             if len(self._values) >= self.sink_every:
                 self.flush()
             return
@@ -811,23 +817,12 @@ def _fix_dtypes(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _csv_value(v):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else repr(v)
-    return v
-
-
 _row_values = operator.itemgetter(*REQUEST_COLUMNS)
 
 
 def _csv_row(values: Sequence) -> list:
-    """[_csv_value(v) for v in values], inlined: ResultsWriter runs it for every request.
-
-    Only NaN needs replacing: the csv module writes None as "" and a float as its repr, in C.
-    """
-    return ["" if v != v else v for v in values]  # noqa: PLR0124 (v != v: NaN)
+    """The values with NaN as None: the csv module writes None as an empty field and a float as its repr, in C."""
+    return [None if v != v else v for v in values]  # noqa: PLR0124 (v != v: NaN)
 
 
 def _jsonable(v):
@@ -928,16 +923,19 @@ class ResultsWriter:
 
     def append_rows(self, rows: Sequence[dict]) -> None:
         """Append rows to requests.csv (header first if new) and fsync."""
-        self.append_values([_row_values(r) for r in rows])
+        self.append_values([_csv_row(_row_values(r)) for r in rows])
 
     def append_values(self, rows: Sequence[Sequence]) -> None:
-        """Append rows given as values in REQUEST_COLUMNS order to requests.csv (header first if new) and fsync."""
+        """Append rows given as values in REQUEST_COLUMNS order, None where undefined (never NaN), to requests.csv.
+
+        The header goes first if the file is new; the file is fsynced.
+        """
         new = not self.requests_path.exists() or self.requests_path.stat().st_size == 0
         with open(self.requests_path, "a", newline="") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(REQUEST_COLUMNS)
-            w.writerows(_csv_row(r) for r in rows)
+            w.writerows(rows)
             f.flush()
             os.fsync(f.fileno())
 
