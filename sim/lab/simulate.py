@@ -121,17 +121,15 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
             if spec.arrival_time > env.now:
                 yield env.timeout(spec.arrival_time - env.now)
             if cap is None and direct:
-                _StartNow(env, send(make_request(spec, env.now), spec.client_id))
+                # What a `serve` process started now would do. Nothing else is due at this instant before it
+                # (the only URGENT events are processes starting at t = 0, all before this loop), so do it now.
+                replicas[0].submit(make_request(spec, env.now), lambda r, c=spec.client_id: record(r, c))
             elif cap is None:
                 env.process(serve(make_request(spec, env.now), spec.client_id))
             else:
                 slot = cap.request()
                 yield slot  # like vLLM's --max-concurrency: the client holds the request back
                 env.process(_hold(cap, slot, serve(make_request(spec, env.now), spec.client_id)))
-
-    def send(req: Request, client: int | None) -> Callable[[simpy.Event], None]:
-        """What a `serve` process does without timeouts or routing, as a callback (Replica.submit's `then`)."""
-        return lambda _event: replicas[0].submit(req, lambda r: record(r, client))
 
     def _hold(cap, slot, proc):
         yield from proc
@@ -177,20 +175,6 @@ def simulate_cell(exp: Experiment, cell: Cell, acc: CellAccumulator, cost: CostM
         busy_fraction=sum(r.busy_s for r in replicas) / (env.now * len(replicas)) if env.now else 0.0,
         preemptions=sum(r.scheduler.num_preemptions for r in replicas),
         peak_kv_usage=peak_kv_usage, memory=plan.to_dict(), timeseries=series)
-
-
-class _StartNow(simpy.events.Event):
-    """Runs callback at the current time where a process started now would take its first step.
-
-    Built like simpy.events.Initialize (the event env.process schedules): triggered, at URGENT priority.
-    """
-
-    def __init__(self, env: simpy.Environment, callback: Callable[[simpy.Event], None]):
-        super().__init__(env)
-        self.callbacks.append(callback)
-        self._ok = True
-        self._value = None
-        env.schedule(self, simpy.events.URGENT)
 
 
 @contextmanager
