@@ -16,6 +16,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 
 from reference.engine import Engine
+from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
 from reference.tokenizer import ByteTokenizer, TextStream
 from sim.lab.server.engine_loop import EngineLoop, Sub, is_busy
@@ -33,7 +34,11 @@ class ServerState:
     """The engine loop, the tokenizer, the served model's names and context, the limits and metrics."""
 
     def __init__(self, engine: Engine, engine_cfg, model_names: list[str], limits: ServerLimits, *,
-                 warmup: bool = True):
+                 warmup: bool = True, stream_interval: int = 1):
+        if not isinstance(stream_interval, int) or isinstance(stream_interval, bool) or stream_interval < 1:
+            raise ConfigError("stream_interval", f"must be an integer >= 1 (tokens per stream event), "
+                                                 f"got {stream_interval!r}")
+        self.stream_interval = stream_interval
         self.engine_cfg = engine_cfg
         self.model_names = model_names
         self.limits = limits
@@ -75,8 +80,10 @@ class ServerState:
                     sp["seed"] = (sp["seed"] + i) % (1 << 32)  # the next seeds of a range that starts in it
                 req = Request(f"{rid}-{i}", list(prompt), SamplingParams(max_tokens=job.max_tokens[p], **sp),
                               arrival_time=now)
-                # A stream, or stop strings matched as text arrives, need every step's tokens.
-                subs.append(Sub(req, i, queue, per_step=job.stream or bool(job.stop)))
+                # Stop strings are matched as text arrives: every step's tokens, so the request ends at
+                # once; a stream's tokens go out every stream_interval tokens; else all at the end.
+                interval = 1 if job.stop else self.stream_interval if job.stream else 0
+                subs.append(Sub(req, i, queue, interval=interval))
         return subs
 
     async def admit(self, job: Job, subs: list[Sub], queue: asyncio.Queue) -> None:
