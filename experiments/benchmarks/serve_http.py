@@ -206,13 +206,13 @@ def run_level_in_process(cfg_path: str, runner, cfg, temperature: float = 0.0, w
         nonlocal steps
         steps += 1
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
     engine.run(source, 0.0, on_finish=finished, on_step=stepped)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wall, cpu, thread = time.perf_counter() - t0, time.process_time() - cpu0, time.thread_time() - thread0
     serving = runner.serving_compilations
     return dict(output_tok_s=tokens / wall, tokens=tokens, wall_s=wall, steps=steps,
                 ms_per_step=1e3 * wall / max(steps, 1), serving_compiles=serving,
-                cpu_us_per_token=1e6 * cpu / max(tokens, 1))
+                cpu_us_per_token=1e6 * cpu / max(tokens, 1), engine_thread_us_per_token=1e6 * thread / max(tokens, 1))
 
 
 def cpu_s(pid: int) -> tuple[float, float]:

@@ -55,17 +55,16 @@ def start(name: str, python: str, extra: list[str], port: int, out: Path, cache:
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of pid's threads by kind: the event loop (the main thread), the engine
-    thread, asyncio.to_thread's workers, and the rest (XLA's compute threads)."""
+    thread (named servesim-engine in the OS), and the rest (XLA's compute threads, asyncio.to_thread's workers)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = dict.fromkeys(("loop", "engine", "workers", "xla"), 0.0)
+    out = dict.fromkeys(("loop", "engine", "other"), 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             comm = (task / "comm").read_text().strip()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended
             continue
-        kind = ("loop" if task.name == str(pid) else "engine" if comm.startswith("servesim-engin")
-                else "workers" if comm.startswith("asyncio_") else "xla")
+        kind = "loop" if task.name == str(pid) else "engine" if comm == "servesim-engine" else "other"
         out[kind] += (int(fields[11]) + int(fields[12])) / tick
     return out
 
@@ -96,7 +95,7 @@ def measure_url(url: str, pid: int, cfg: Path) -> dict:
     return dict(tok_s=tokens / span, ttft_ms=1e3 * statistics.median(ttfts), ttft_max_ms=1e3 * ttfts[-1], failed=sum(r.outcome.value != "completed" for r in done),
                 steps=d[NAMES[0]], ms_per_step=1e3 * d[NAMES[1]] / max(d[NAMES[0]], 1), stepping=d[NAMES[1]] / span,
                 idle=d[NAMES[2]] / span, engine_us=1e6 * (th1["engine"] - th0["engine"]) / n,
-                xla_us=1e6 * (th1["xla"] - th0["xla"]) / n, workers_us=1e6 * (th1["workers"] - th0["workers"]) / n, loop_us=1e6 * (cpu1[0] - cpu0[0]) / n,
+                other_us=1e6 * (th1["other"] - th0["other"]) / n, loop_us=1e6 * (cpu1[0] - cpu0[0]) / n,
                 server_us=1e6 * (cpu1[1] - cpu0[1]) / n, client_us=1e6 * (client1 - client0) / n)
 
 
@@ -107,10 +106,10 @@ def text(m: dict) -> str:
     if "idle" in m:
         s += (f", waiting {m['idle']:.0%}; first requests' TTFT median {m['ttft_ms']:.0f} ms, max "
               f"{m['ttft_max_ms']:.0f} ms; CPU per token: server {m['server_us']:.0f} us (event loop "
-              f"{m['loop_us']:.0f}, engine thread {m['engine_us']:.0f}, XLA threads {m['xla_us']:.0f}, to_thread "
-              f"workers {m['workers_us']:.0f}), client {m['client_us']:.0f} us")
+              f"{m['loop_us']:.0f}, engine thread {m['engine_us']:.0f}, XLA and to_thread workers {m['other_us']:.0f}), "
+              f"client {m['client_us']:.0f} us")
     else:
-        s += f"; CPU per token: {m['server_us']:.0f} us"
+        s += f"; CPU per token: {m['server_us']:.0f} us (engine thread {m['engine_us']:.0f})"
     return s
 
 
@@ -157,7 +156,7 @@ def main() -> None:
                 if worker is not None:
                     r = worker.level(cfg, 0.0)
                     m = dict(tok_s=r["output_tok_s"], steps=r["steps"], ms_per_step=r["ms_per_step"], stepping=1.0,
-                             server_us=r["cpu_us_per_token"])
+                             server_us=r["cpu_us_per_token"], engine_us=r["engine_thread_us_per_token"])
                     got.setdefault(("in process", users), []).append(m)
                     print(f"{'in process':10s} {users:2d} seed {rep + 1}: {text(m)}; load {os.getloadavg()[0]:.1f}",
                           flush=True)

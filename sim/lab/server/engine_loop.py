@@ -21,6 +21,7 @@ servesim:compilations_serving_total and logged.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -224,6 +225,7 @@ class EngineLoop:
 
     # ---- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("servesim-engine")
         if self.warmup:
             try:
                 self._compile_all()
@@ -389,6 +391,16 @@ def _dispatch(events: list) -> None:
         if kind in ("refused", "finished", "error"):
             sub.done = True
         sub.events.put_nowait((sub, kind, data))
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` (at most 15 bytes) in the OS, where Python's threading names it only for
+    Python: top -H, py-spy and /proc/PID/task/TID/comm then tell the engine thread from XLA's. Linux only;
+    elsewhere nothing happens."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def is_busy(reason: str) -> bool:
