@@ -178,8 +178,9 @@ def test_a_non_streamed_answer_gets_its_tokens_once(cont, monkeypatch):
 
 
 def test_stream_interval_sends_the_first_token_then_every_k(cont, monkeypatch):
-    """--stream-interval 3 (vLLM's semantics): the first token at once, then 3 at a time, the rest at the end;
-    the text is the same as with interval 1; a request with stop strings still gets every step's tokens."""
+    """--stream-interval 3 (vLLM's semantics): the first token at once, then 3 at a time, the rest at the end, each
+    send one SSE event; the text is the same as with interval 1; a request with stop strings still gets every
+    step's tokens."""
     url, state = cont
     seen: list[tuple[str, int]] = []
     dispatch = engine_loop._dispatch
@@ -197,6 +198,7 @@ def test_stream_interval_sends_the_first_token_then_every_k(cont, monkeypatch):
     seen.clear()
     chunks = list(client.completions.create(**ask))
     assert [n for kind, n in seen if kind == "tokens"] == [1, 3, 3, 1]
+    assert len(chunks) == 5  # as vLLM: one event per engine send (its tokens' text together), then the finish
     assert "".join(c.choices[0].text for c in chunks) == each
     assert chunks[-1].choices[0].finish_reason == "length"
     seen.clear()
