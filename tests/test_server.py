@@ -21,6 +21,7 @@ openai = pytest.importorskip("openai")
 
 from click.testing import CliRunner  # noqa: E402
 
+from reference.errors import ConfigError  # noqa: E402
 from reference.model import init_params  # noqa: E402
 from reference.request import Request, SamplingParams  # noqa: E402
 from reference.tokenizer import ByteTokenizer, TextStream  # noqa: E402
@@ -174,6 +175,41 @@ def test_a_non_streamed_answer_gets_its_tokens_once(cont, monkeypatch):
     assert [n for _, kind, n in seen if kind == "tokens"] == [1] * 6
     assert whole.choices[0].text == stopped.choices[0].text == "".join(c.choices[0].text for c in chunks)
     wait_idle(url)
+
+
+def test_stream_interval_sends_the_first_token_then_every_k(cont, monkeypatch):
+    """--stream-interval 3 (vLLM's semantics): the first token at once, then 3 at a time, the rest at the end, each
+    send one SSE event; the text is the same as with interval 1; a request with stop strings still gets every
+    step's tokens."""
+    url, state = cont
+    seen: list[tuple[str, int]] = []
+    dispatch = engine_loop._dispatch
+
+    def spy(events):
+        seen.extend((kind, len(data) if kind == "tokens" else 0) for sub, kind, data in events)
+        dispatch(events)
+
+    monkeypatch.setattr(engine_loop, "_dispatch", spy)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    ask = dict(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0, stream=True)
+    each = "".join(c.choices[0].text for c in client.completions.create(**ask))
+    assert [n for kind, n in seen if kind == "tokens"] == [1] * 8
+    monkeypatch.setattr(state, "stream_interval", 3)
+    seen.clear()
+    chunks = list(client.completions.create(**ask))
+    assert [n for kind, n in seen if kind == "tokens"] == [1, 3, 3, 1]
+    assert len(chunks) == 5  # as vLLM: one event per engine send (its tokens' text together), then the finish
+    assert "".join(c.choices[0].text for c in chunks) == each
+    assert chunks[-1].choices[0].finish_reason == "length"
+    seen.clear()
+    list(client.completions.create(**ask, stop=["@@@@@@@@"]))
+    assert [n for kind, n in seen if kind == "tokens"] == [1] * 8
+    wait_idle(url)
+
+
+def test_stream_interval_below_one_is_refused(params):
+    with pytest.raises(ConfigError, match="stream_interval.*>= 1"):
+        create_app(EXP, "continuous", params=params, runner_options=PAGED_BUCKETS, stream_interval=0)
 
 
 def test_events_waiting_together_come_out_in_one_batch(cont):
@@ -360,4 +396,6 @@ def test_serve_command_is_wired(tmp_path):
     cfg.write_text(CONFIG)
     result = CliRunner().invoke(main, ["serve", str(cfg), "--engine", "nope"])
     assert result.exit_code == 2 and "no engine 'nope'" in result.output
+    result = CliRunner().invoke(main, ["serve", str(cfg), "--stream-interval", "0"])
+    assert result.exit_code == 2 and "--stream-interval" in result.output
 

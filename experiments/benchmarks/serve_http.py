@@ -14,11 +14,16 @@ the article client's length, 111 tokens, and 100 output tokens):
    --url) and at temperature 1 on the article's chat prompt (as the article client); every measurement runs
    on one engine then the other, so the machine's load hits both alike; `servesim bench` in process
    (its own runner: context buckets, compiles off the clock) once per level unless --no-bench-in-process;
+   each repeat writes its levels' configs with its own workload seed (bench --url and in process send the
+   same random prompts; none of them is in a server's prefix cache from an earlier repeat);
 3. read /metrics (compiles on the serving path must be 0) and stop both (SIGTERM: they drain).
 Then print medians of output tok/s per engine and level, continuous / sequential, HTTP / in process
 (the worker: the same workload on the same engine), and where each measurement went: engine
-steps, ms per step, the share of the wall spent stepping (servesim:engine_* counters of /metrics),
-and CPU per generated token of the server process, its event-loop thread and the article client.
+steps, ms per step, the share of the wall spent stepping (servesim:engine_* counters of /metrics; for
+bench --url, over its measured cell alone, from the /metrics samples bench takes around it), and CPU
+per generated token of the server process, its event-loop thread and the article client.
+--stream-interval is passed to both servers; the first output line names it and whether this Python
+has uvloop and httptools (uvicorn serves with them when installed, as vLLM does).
 
     PYTHONPATH=$PWD python experiments/benchmarks/serve_http.py [--port 8101] [--out DIR] [--repeats 3]
 """
@@ -58,7 +63,7 @@ _spec.loader.exec_module(http_users)
 CONFIG = """
 name = "serve_http_{engine}_{users}"
 model = "tiny"
-seed = 0
+seed = {seed}
 dtype = "float32"
 
 [workload]
@@ -97,10 +102,16 @@ CLI = [sys.executable, "-c", "from sim.lab.cli import main; main()"]
 COUNTERS = ("servesim:engine_steps", "servesim:engine_step_seconds", "servesim:engine_idle_seconds")
 
 
-def write_config(path: Path, engine: str, users: int, per_user: int, out: int) -> Path:
-    """An experiment TOML of one engine and one closed-loop level."""
-    path.write_text(CONFIG.format(engine=engine, users=users, per_user=per_user, prompt=PROMPT_TOKENS, out=out)
-                    + ENGINES[engine])
+def serving_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks in this Python ("auto": uvloop and httptools when installed)."""
+    have = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is not None]
+    return f"{sys.executable}: " + (f"{' and '.join(have)} installed" if have else "asyncio's loop and h11")
+
+
+def write_config(path: Path, engine: str, users: int, per_user: int, out: int, seed: int = 0) -> Path:
+    """An experiment TOML of one engine and one closed-loop level; seed picks the workload's random prompts."""
+    path.write_text(CONFIG.format(engine=engine, users=users, per_user=per_user, prompt=PROMPT_TOKENS, out=out,
+                                  seed=seed) + ENGINES[engine])
     return path
 
 
@@ -114,26 +125,29 @@ def metrics(url: str, names) -> dict[str, float]:
     return out
 
 
-def summary_tok_s(out: Path) -> float:
-    """Output tok/s of the one cell of a bench run."""
-    rows = json.loads((out / "summary.json").read_text())
-    return rows[0]["output_throughput"]
-
-
-def bench(cfg: Path, out: Path, url: str | None) -> float:
-    """`servesim bench` (in process, or --url) on cfg; output tok/s."""
+def bench(cfg: Path, out: Path, url: str | None) -> dict:
+    """`servesim bench` (in process, or --url) on cfg; the summary of its one cell (output_throughput: tok/s)."""
     cmd = CLI + ["bench", str(cfg), "--out", str(out), "--fresh"] + (["--url", url + "/v1"] if url else [])
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
-    return summary_tok_s(out)
+    return json.loads((out / "summary.json").read_text())[0]
 
 
-def start_server(engine: str, port: int, out: Path, cache: str) -> subprocess.Popen:
+def bench_engine(row: dict) -> dict:
+    """The server's engine thread during bench --url's measured cell alone, from the /metrics samples bench
+    took around it (server_* fields of its summary): steps, ms per step, the share of the cell's duration
+    (first request sent to last answer) spent stepping."""
+    steps, step_s = row["server_servesim:engine_steps_total"], row["server_servesim:engine_step_seconds_total"]
+    return dict(steps=steps, ms_per_step=1e3 * step_s / max(steps, 1), stepping=step_s / row["duration"])
+
+
+def start_server(engine: str, port: int, out: Path, cache: str, stream_interval: int = 1) -> subprocess.Popen:
     """`servesim serve` of engine on port (log in out)."""
     cfg = write_config(out / f"{engine}.toml", engine, 1, 1, OUTPUT_TOKENS)
     log = open(out / f"serve-{engine}.log", "w")
     return subprocess.Popen(CLI + ["serve", str(cfg), "--engine", engine, "--port", str(port),
                                    "--served-model-name", "llama3.1:8b", "--served-model-name", "tiny",
-                                   "--compilation-cache", cache, "--log-level", "warning", "--xla-flags", ""],
+                                   "--compilation-cache", cache, "--log-level", "warning", "--xla-flags", "",
+                                   "--stream-interval", str(stream_interval)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -192,13 +206,13 @@ def run_level_in_process(cfg_path: str, runner, cfg, temperature: float = 0.0, w
         nonlocal steps
         steps += 1
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
     engine.run(source, 0.0, on_finish=finished, on_step=stepped)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wall, cpu, thread = time.perf_counter() - t0, time.process_time() - cpu0, time.thread_time() - thread0
     serving = runner.serving_compilations
     return dict(output_tok_s=tokens / wall, tokens=tokens, wall_s=wall, steps=steps,
                 ms_per_step=1e3 * wall / max(steps, 1), serving_compiles=serving,
-                cpu_us_per_token=1e6 * cpu / max(tokens, 1))
+                cpu_us_per_token=1e6 * cpu / max(tokens, 1), engine_thread_us_per_token=1e6 * thread / max(tokens, 1))
 
 
 def cpu_s(pid: int) -> tuple[float, float]:
@@ -288,6 +302,8 @@ def main() -> None:
     ap.add_argument("--no-bench-in-process", action="store_true", help="skip `servesim bench` in process")
     ap.add_argument("--levels", type=http_users.parse_levels, default=LEVELS,
                     help="users:requests,... (default 1:20,10:50,50:100)")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="the servers' --stream-interval (tokens per stream event; 1, vLLM's default: every token)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -299,7 +315,9 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_xnnpack=true".strip()
     engines = ["sequential", "continuous"]
     urls = {e: f"http://127.0.0.1:{args.port + i}" for i, e in enumerate(engines)}
-    procs = {e: start_server(e, args.port + i, args.out, args.cache) for i, e in enumerate(engines)}
+    procs = {e: start_server(e, args.port + i, args.out, args.cache, args.stream_interval)
+             for i, e in enumerate(engines)}
+    print(f"# servers: --stream-interval {args.stream_interval}; {serving_stack()}", flush=True)
     workers: dict[str, Worker] = {}
     samples: dict[str, dict[str, list]] = {e: {} for e in engines}
     rows: dict[str, dict] = {e: {} for e in engines}
@@ -333,14 +351,19 @@ def main() -> None:
                 if users == 1:
                     continue
                 for e in engines:
-                    cfg_u = write_config(args.out / f"{e}-{users}.toml", e, users, requests // users, args.max_tokens)
+                    # A seed per repeat: bench --url and in process send the same random prompts, and none of them
+                    # is in the server's prefix cache from an earlier repeat (in process starts with an empty one).
+                    cfg_u = write_config(args.out / f"{e}-{users}-{rep}.toml", e, users, requests // users,
+                                         args.max_tokens, seed=rep)
                     counted = ServerCounters(urls[e], procs[e].pid)
                     t0 = time.perf_counter()
-                    tok_s = bench(cfg_u, args.out / f"url-{e}-{users}", urls[e])
-                    engine = counted.since(time.perf_counter() - t0)  # the wall includes the client's start-up
-                    del engine["client_us"]  # bench's own start-up (Python, JAX) would swamp its CPU per token
+                    row = bench(cfg_u, args.out / f"url-{e}-{users}", urls[e])
+                    # CPU per token over bench's warm-up and measured cells (both counted in the tokens); its
+                    # client's is left out: its own start-up (Python, JAX) would swamp it.
+                    engine = {**counted.since(time.perf_counter() - t0), **bench_engine(row)}
+                    del engine["client_us"]
                     samples[e].setdefault(f"engine url {users}", []).append(engine)
-                    record(e, f"url {users}", tok_s, f"({engine_text(engine)}; the wall includes bench's start-up)")
+                    record(e, f"url {users}", row["output_throughput"], f"({engine_text(engine)})")
                     # greedy as bench --url asks; temperature 1 as the article client gets (OpenAI's default)
                     for key, temperature in ((f"proc {users}", 0.0), (f"proc t1 {users}", 1.0)):
                         r = workers[e].level(cfg_u, temperature)
@@ -349,7 +372,8 @@ def main() -> None:
                         samples[e].setdefault(f"engine {key}", []).append(engine)
                         record(e, key, r["output_tok_s"], f"({engine_text(engine)})")
                     if rep == 0 and not args.no_bench_in_process:
-                        record(e, f"bench {users}", bench(cfg_u, args.out / f"proc-{e}-{users}", None))
+                        record(e, f"bench {users}",
+                               bench(cfg_u, args.out / f"proc-{e}-{users}", None)["output_throughput"])
             load.append(os.getloadavg()[0])
         for e in engines:
             rows[e]["serving_compiles"] = metrics(urls[e], ("servesim:compilations_serving",))[
@@ -374,7 +398,8 @@ def print_table(rows: dict, samples: dict, args, load: list[float]) -> None:
           f"(tiny model, {PROMPT_TOKENS} in / {args.max_tokens} out; `servesim bench` in process: one run)")
     cols = {"article 1": "article 1", "article 10": "article 10", "article 50": "article 50",
             "url 10": "bench --url 10", "url 50": "bench --url 50", "proc 10": "in process 10",
-            "proc 50": "in process 50", "proc t1 10": "in process T=1 10", "proc t1 50": "in process T=1 50",
+            "proc 50": "in process 50", "proc t1 10": "in process article T=1 10",
+            "proc t1 50": "in process article T=1 50",
             "bench 10": "servesim bench 10", "bench 50": "servesim bench 50"}
     cols = {k: v for k, v in cols.items() if any(k in r for r in rows.values())}  # what was measured
     print("| engine | ready s | compiles start / serving | " + " | ".join(cols.values()) + " |")
@@ -387,7 +412,8 @@ def print_table(rows: dict, samples: dict, args, load: list[float]) -> None:
     print("\ncontinuous / sequential: " + ", ".join(f"{cols[k]} {c[k] / s[k]:.1f}x" for k in cols
                                                    if k != "article 1" and k in c and k in s))
     print("continuous over HTTP / in process (the server's engine, the same workload: the article client's\n"
-          "requests sample at temperature 1, OpenAI's default; bench --url's are greedy): " + ", ".join(
+          "requests send one chat prompt, prefix-cached after the first, and sample at temperature 1, OpenAI's\n"
+          "default; bench --url's send random prompts, greedy): " + ", ".join(
               f"{u} users: article {c[f'article {u}'] / c[f'proc t1 {u}']:.2f}, "
               f"bench --url {c[f'url {u}'] / c[f'proc {u}']:.2f}" for u in (10, 50) if f"proc {u}" in c))
     print("\nwhere it went, medians (over HTTP: ms inside Engine.step per step; in process: wall per step; CPU\n"

@@ -28,6 +28,8 @@ COUNTERS = (
     "vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum",  # engine steps, tokens they computed
     "llamacpp:n_decode_total", "llamacpp:prompt_tokens_total", "llamacpp:prompt_tokens_cached_total",
     "llamacpp:tokens_predicted_total",
+    # servesim's engine thread: steps, seconds inside them, seconds waiting for work
+    "servesim:engine_steps_total", "servesim:engine_step_seconds_total", "servesim:engine_idle_seconds_total",
 )
 GAUGES = (
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",

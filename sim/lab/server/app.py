@@ -26,20 +26,22 @@ from sim.lab.server.state import ServerState
 def create_app(exp, engine_name: str | None = None, *, params=None, warmup: bool = True,
                runner_options: dict | None = None, model_names: list[str] | None = None,
                model_name: str | None = None, limits: ServerLimits | None = None,
-               compilation_cache: str | None = None) -> FastAPI:
+               compilation_cache: str | None = None, stream_interval: int = 1) -> FastAPI:
     """The app serving one engine of exp (the first, or engine_name) with exp's model.
 
     model_names: the names clients may send (aliases, e.g. "llama3.1:8b"); the first is the primary.
     Default: [model_name or the experiment's model preset]. warmup=False skips compiling the shape
     set (shapes then compile on first use, counted in servesim:compilations_serving_total).
     compilation_cache: a directory for JAX's persistent compilation cache (a restart reads it back).
+    stream_interval: a stream's tokens go out every this many tokens (the first at once, the rest at the
+    end), as vLLM's --stream-interval (default 1: every token as it is made).
     """
     limits = limits or ServerLimits()
     names = list(model_names or [model_name or exp.model])
     engine, cfg = build_engine(exp, engine_name, params=params, runner_options=runner_options,
                                max_queue=limits.max_queue)
     enable_compilation_cache(compilation_cache)  # before the engine thread compiles, after bad input is refused
-    state = ServerState(engine, cfg, names, limits, warmup=warmup)
+    state = ServerState(engine, cfg, names, limits, warmup=warmup, stream_interval=stream_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

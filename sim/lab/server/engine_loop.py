@@ -21,6 +21,7 @@ servesim:compilations_serving_total and logged.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -126,7 +127,10 @@ class Sub:
     req: Request
     index: int  # choice index
     events: asyncio.Queue  # shared by the choices of one HTTP request: (sub, kind, data)
-    per_step: bool = True  # send tokens as each step makes them (streams, stop strings), else once at the end
+    # When the engine thread sends this sub's tokens: 0 only when it finishes (a non-streamed answer without stop
+    # strings), 1 every step, k > 1 the first token at once, then whenever k tokens wait, and at the end
+    # (vLLM's --stream-interval: fewer events and socket writes per token, coarser arrival of tokens).
+    interval: int = 1
     delivered: int = 0  # tokens already sent (engine thread)
     counted: int = 0  # tokens already counted in the metrics (engine thread)
     done: bool = False  # its last event was dispatched (event loop)
@@ -137,8 +141,8 @@ class EngineLoop:
     """Runs Engine.step() in a thread; requests and aborts come in through a locked inbox.
 
     Events to handlers, per sub: ("admitted" | "refused", reason) once, then ("tokens", [ids])
-    per step that produced some (a sub with per_step False: once, with all its ids, when it
-    finishes), then one of ("finished", "stop" | "length" | "abort") or ("error", message). They are
+    as Sub.interval says (every step that produced some; every k tokens; or once, with all its ids,
+    when it finishes), then one of ("finished", "stop" | "length" | "abort") or ("error", message). They are
     batched per loop iteration into one call_soon_threadsafe.
     """
 
@@ -157,6 +161,7 @@ class EngineLoop:
         self.steps = 0
         self.step_s = 0.0
         self.idle_s = 0.0
+        self._waiting_since: float | None = None  # perf_counter when the current wait for work began
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._live: dict[int, Sub] = {}  # id(request) -> sub; engine thread only
@@ -181,6 +186,14 @@ class EngineLoop:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def idle_now_s(self) -> float:
+        """Seconds the engine thread waited for work so far, the wait under way included (a scrape in the
+        middle of a wait sees it, so the idle time before a measurement is not charged to the next one)."""
+        with self._cv:  # the engine thread updates both under it (a counter must never go back)
+            since = self._waiting_since
+            return self.idle_s + (time.perf_counter() - since if since is not None else 0.0)
 
     @property
     def alive(self) -> bool:
@@ -212,6 +225,7 @@ class EngineLoop:
 
     # ---- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("servesim-engine")
         if self.warmup:
             try:
                 self._compile_all()
@@ -220,10 +234,11 @@ class EngineLoop:
         self.ready = True
         while True:
             with self._cv:
-                t_wait = time.perf_counter()
+                self._waiting_since = t_wait = time.perf_counter()
                 while not self._inbox and not self.scheduler.has_unfinished() and not self._stopping:
                     self._cv.wait()
                 self.idle_s += time.perf_counter() - t_wait
+                self._waiting_since = None
                 if self._stopping:
                     break
                 ops, self._inbox = self._inbox, []
@@ -333,9 +348,10 @@ class EngineLoop:
                 generated += n - sub.counted
                 sub.counted = n
             finished = req.status is Status.FINISHED
-            # A non-streamed answer without stop strings needs its tokens only at the end: one event
-            # instead of one per step (each event wakes the handler on the event loop).
-            if n > sub.delivered and (sub.per_step or finished):
+            # Each event wakes the handler on the event loop (and a stream's costs a socket write): a
+            # non-streamed answer without stop strings gets one at the end, a stream one per `interval` tokens.
+            waiting = n - sub.delivered
+            if waiting > 0 and (finished or (sub.interval and (sub.delivered == 0 or waiting >= sub.interval))):
                 events.append((sub, "tokens", req.output_token_ids[sub.delivered:n]))
                 sub.delivered = n
             if finished:
@@ -375,6 +391,16 @@ def _dispatch(events: list) -> None:
         if kind in ("refused", "finished", "error"):
             sub.done = True
         sub.events.put_nowait((sub, kind, data))
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` (at most 15 bytes) in the OS, where Python's threading names it only for
+    Python: top -H, py-spy and /proc/PID/task/TID/comm then tell the engine thread from XLA's. Linux only;
+    elsewhere nothing happens."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def is_busy(reason: str) -> bool:

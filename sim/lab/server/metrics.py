@@ -44,7 +44,7 @@ class _SchedulerCollector:
                                  ("servesim:engine_step_seconds", "Seconds the engine thread spent in its steps "
                                   "(schedule, model, update).", self.loop.step_s),
                                  ("servesim:engine_idle_seconds", "Seconds the engine thread waited for work.",
-                                  self.loop.idle_s)):
+                                  self.loop.idle_now_s)):
             c = CounterMetricFamily(name, doc, labels=lab)
             c.add_metric([self.model], value)
             yield c

@@ -16,8 +16,9 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 
 from reference.engine import Engine
+from reference.errors import ConfigError
 from reference.request import Request, SamplingParams
-from reference.tokenizer import ByteTokenizer, TextStream
+from reference.tokenizer import ByteTokenizer, StreamDecoder, TextStream
 from sim.lab.server.engine_loop import EngineLoop, Sub, is_busy
 from sim.lab.server.errors import ApiError
 from sim.lab.server.jobs import Job, JobBuilder
@@ -33,7 +34,11 @@ class ServerState:
     """The engine loop, the tokenizer, the served model's names and context, the limits and metrics."""
 
     def __init__(self, engine: Engine, engine_cfg, model_names: list[str], limits: ServerLimits, *,
-                 warmup: bool = True):
+                 warmup: bool = True, stream_interval: int = 1):
+        if not isinstance(stream_interval, int) or isinstance(stream_interval, bool) or stream_interval < 1:
+            raise ConfigError("stream_interval", f"must be an integer >= 1 (tokens per stream event), "
+                                                 f"got {stream_interval!r}")
+        self.stream_interval = stream_interval
         self.engine_cfg = engine_cfg
         self.model_names = model_names
         self.limits = limits
@@ -75,8 +80,10 @@ class ServerState:
                     sp["seed"] = (sp["seed"] + i) % (1 << 32)  # the next seeds of a range that starts in it
                 req = Request(f"{rid}-{i}", list(prompt), SamplingParams(max_tokens=job.max_tokens[p], **sp),
                               arrival_time=now)
-                # A stream, or stop strings matched as text arrives, need every step's tokens.
-                subs.append(Sub(req, i, queue, per_step=job.stream or bool(job.stop)))
+                # Stop strings are matched as text arrives: every step's tokens, so the request ends at
+                # once; a stream's tokens go out every stream_interval tokens; else all at the end.
+                interval = 1 if job.stop else self.stream_interval if job.stream else 0
+                subs.append(Sub(req, i, queue, interval=interval))
         return subs
 
     async def admit(self, job: Job, subs: list[Sub], queue: asyncio.Queue) -> None:
@@ -107,7 +114,8 @@ class ServerState:
                             f"{sub.req.sampling.max_tokens}; the server refused it: {reason}", param)
 
     async def choices(self, job: Job, subs: list[Sub], queue: asyncio.Queue):
-        """Async iterator of (index, text delta, token ids, finish_reason or None) until every choice ends."""
+        """Async iterator of (index, text delta, token ids, finish_reason or None) until every choice ends: one
+        per token with stop strings, else one per event the engine thread sent (its ids and their text)."""
         async for batch in self.choice_batches(job, subs, queue):
             for item in batch:
                 yield item
@@ -116,7 +124,10 @@ class ServerState:
         """Async iterator of lists of (index, text delta, token ids, finish_reason or None): each list is
         every event that was waiting when the handler woke (one step's tokens, or more when the event
         loop fell behind), so a stream writes them to its socket at once instead of one write per token."""
-        streams = {id(s): TextStream(self.tokenizer, job.stop) for s in subs}
+        # Without stop strings there is nothing to hold back or cut: the ids' text in one piece per event (a
+        # non-streamed answer's 100 tokens are one decode, not 100 deltas); with them, token by token.
+        streams = {id(s): TextStream(self.tokenizer, job.stop) if job.stop else StreamDecoder(self.tokenizer)
+                   for s in subs}
         ended: set[int] = set()
         while len(ended) < len(subs):
             batch = []
@@ -132,7 +143,13 @@ class ServerState:
                     raise ApiError(500 if not data.startswith("server shutting down") else 503, data, None)
                 else:
                     ts = streams[id(sub)]
-                    if kind == "tokens":
+                    if not job.stop:
+                        if kind == "tokens":
+                            batch.append((sub.index, "".join(map(ts.push, data)), list(data), None))
+                        elif kind == "finished":
+                            ended.add(id(sub))
+                            batch.append((sub.index, ts.flush(), [], data))
+                    elif kind == "tokens":
                         for tid in data:
                             delta = ts.push(tid)
                             if ts.stopped:
