@@ -159,6 +159,7 @@ class ModelRunner:
             raise ConfigError("matmul_dtype", f"unsupported dtype {matmul_dtype!r}", ", ".join(DTYPES) + " or None")
         if batched_from < 1:
             raise ConfigError("batched_from", f"got {batched_from}", "at least 1 token")
+        self.matmul_dtype = matmul_dtype
         self.few_rows_params = self.batched_params = None
         if matmul_dtype is not None:
             self.few_rows_params = with_matmul_dtype(self.params, DTYPES[matmul_dtype], out_in=True)
@@ -185,9 +186,19 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of `params`, the reference weights. With matmul_dtype a step reads one of its copies instead
-        (half these bytes in bfloat16), and the two copies are memory on top of this figure."""
-        return param_bytes(self.params)
+        """Bytes of weights the runner holds: `params` (the reference weights) plus, with matmul_dtype, its two
+        copies (matmul_copy_bytes). An array two of them share is counted once."""
+        return _distinct_bytes(self.params, self.few_rows_params, self.batched_params)
+
+    @property
+    def matmul_copy_bytes(self) -> int:
+        """Bytes the matmul_dtype copies add to `params` (0 without them); a step reads one copy, not params.
+
+        small-100m (params 400 MB float32): bfloat16 adds 400 MB (the [out, in] copy with its bfloat16
+        embedding, 200 MB; the [in, out] copy's matrices and untied [E, V] head, 200 MB; it shares the
+        float32 embedding and norms with params); float32 adds 400 MB too (the transposed matrices, and
+        the untied head, while the [in, out] matrices are params' own arrays)."""
+        return self.weight_bytes - param_bytes(self.params)
 
     @property
     def kv_bytes(self) -> int:
@@ -386,6 +397,12 @@ class ModelRunner:
             if c.end > self.layout.max_len:
                 raise ConfigError("max_len", f"request {rid} needs {c.end} tokens, a slot holds "
                                   f"{self.layout.max_len}", f"at most {self.layout.max_len} tokens per request")
+
+
+def _distinct_bytes(*trees) -> int:
+    """Bytes of the arrays in the given pytrees (None skipped), each array counted once however often it appears."""
+    arrays = {id(x): x for t in trees if t is not None for x in jax.tree_util.tree_leaves(t)}
+    return sum(int(x.nbytes) for x in arrays.values())
 
 
 class _FlatArrays:
