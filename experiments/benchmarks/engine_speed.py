@@ -15,7 +15,10 @@ the median decode step at 1 client (ms per output token) and the output throughp
     bfloat16        the server's runner in bfloat16 (weights and KV), to show what XLA's CPU dtype costs
     + f32 relaid    the server's runner with matmul_dtype="float32": matrices [out, in] for one-token
                     steps, [in, out] with an untied LM head from 2 tokens (ModelRunner matmul_dtype)
-    + bf16 matmuls  the same copies in bfloat16 (activations, norms and KV stay float32)
+    + bf16 matmuls, f32 attention   the same copies in bfloat16 (activations, norms and KV stay float32),
+                    attention's two products in float32 (as before engine_speed16.md section 6)
+    + bf16 matmuls  the same copies in bfloat16, and attention's two products too (the runner's
+                    matmul_dtype="bfloat16" now)
 
 The variants run interleaved, `--repeats` rounds, so machine load hits each alike; medians are printed
 with the load average. Cores: XLA's CPU client uses every core it is given (`taskset -c 0` to pin one).
@@ -43,6 +46,7 @@ VARIANTS = {
     "dynamic ctx, 1 thread": dict(server=True, xla="1 thread"),
     "bfloat16": dict(server=True, dtype="bfloat16"),
     "dynamic ctx + f32 relaid": dict(server=True, matmul_dtype="float32"),
+    "dynamic ctx + bf16 matmuls, f32 attention": dict(server=True, matmul_dtype="bfloat16", attention_dtype="float32"),
     "dynamic ctx + bf16 matmuls": dict(server=True, matmul_dtype="bfloat16"),
     "dynamic ctx + bf16 matmuls + xnnpack": dict(server=True, matmul_dtype="bfloat16", xla="xnnpack"),
 }
@@ -66,6 +70,7 @@ def measure(model: str, variant: dict, clients: tuple[int, ...], prompt_len: int
         options = dict(min_seqs=variant["min_seqs"])
     runner = ModelRunner(model, layout=sched.layout, dtype=variant.get("dtype", "float32"), attention="jnp",
                          matmul_dtype=variant.get("matmul_dtype"), **options)
+    runner.attention_dtype = variant.get("attention_dtype", runner.attention_dtype)  # before any compile
     if variant.get("server"):  # as the server does before it says ready: every shape its runner can meet
         for shape in runner.shapes():
             runner.compile_shape(shape)
