@@ -8,6 +8,10 @@ shape set multiplies. Here the context arrays are always as wide as the longest 
 the step's longest sequence needs: `lax.fori_loop` with a trip count computed on the device. A
 step then costs what its real contexts cost, and its compiled shape no longer depends on them.
 
+The two products (q.k, p.v) take their inputs in float32 by default; a runner with bfloat16 matmul
+copies runs them in bfloat16 with float32 accumulation (ModelRunner matmul_dtype): at 16 decode rows
+on this CPU that cut attention from ~13 to ~8.5 ms of a ~37 ms step (engine_speed16.md section 6).
+
 Same mask as paged_attention.attend_tiles: a query at position p sees keys at positions <= p and
 < context_len; padding rows (no valid key) stay finite.
 
@@ -29,30 +33,34 @@ _MASKED = -1e30
 DEFAULT_CHUNK = 256  # context tokens per loop iteration
 
 
-def _online_attention(q: Array, q_pos: Array, context_lens: Array, fetch: Callable, chunk: int) -> Array:
+def _online_attention(q: Array, q_pos: Array, context_lens: Array, fetch: Callable, chunk: int,
+                      dtype=jnp.float32) -> Array:
     """q [S, Q, H, D], q_pos [S, Q] (-1: sees nothing), context_lens [S] -> [S, Q, H, D].
 
     fetch(j) -> (k, v) [S, chunk, K, D]: keys j*chunk .. (j+1)*chunk - 1 of each row's sequence.
+    dtype: the inputs of the two products (q.k and p.v), accumulated in float32; the softmax (max,
+    exp, sums) stays float32 either way.
     """
     S, Q, H, D = q.shape
     k0, _ = jax.eval_shape(fetch, 0)
     K = k0.shape[2]
     G = H // K
-    qg = q.reshape(S, Q, K, G, D).astype(jnp.float32) * (1.0 / math.sqrt(D))  # [S, Q, K, G, D]
+    qg = (q.reshape(S, Q, K, G, D).astype(jnp.float32) * (1.0 / math.sqrt(D))).astype(dtype)  # [S, Q, K, G, D]
     limit = jnp.minimum(context_lens[:, None], q_pos + 1)  # [S, Q]: keys < limit are visible
     num_chunks = (jnp.max(limit) + chunk - 1) // chunk
 
     def body(j, carry):
         m, l, acc = carry  # [S, K, G, Q], [S, K, G, Q], [S, K, G, Q, D]
         k, v = fetch(j)  # [S, C, K, D]
-        s = jnp.einsum("sqkgd,sckd->skgqc", qg, k.astype(jnp.float32))  # [S, K, G, Q, C]
+        s = jnp.einsum("sqkgd,sckd->skgqc", qg, k.astype(dtype), preferred_element_type=jnp.float32)  # [S, K, G, Q, C]
         key_pos = j * chunk + jnp.arange(chunk)  # [C]
         visible = key_pos[None, None, :] < limit[:, :, None]  # [S, Q, C]
         s = jnp.where(visible[:, None, None], s, _MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])  # [S, K, G, Q, C]
         corr = jnp.exp(m - m_new)
-        acc = acc * corr[..., None] + jnp.einsum("skgqc,sckd->skgqd", p, v.astype(jnp.float32))
+        acc = acc * corr[..., None] + jnp.einsum("skgqc,sckd->skgqd", p.astype(dtype), v.astype(dtype),
+                                                 preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc
 
     init = (jnp.full((S, K, G, Q), _MASKED, jnp.float32), jnp.zeros((S, K, G, Q), jnp.float32),
@@ -99,23 +107,23 @@ def chunk_for(row_len: int, block_size: int | None, chunk: int = DEFAULT_CHUNK) 
     return max(block_size, (min(chunk, row_len) // block_size) * block_size)
 
 
-def decode_attention(q: Array, context_lens: Array, fetch: Callable, chunk: int) -> Array:
-    """One query per row, at position context_len - 1: q [S, H, D] -> [S, H, D]."""
-    return _online_attention(q[:, None], (context_lens - 1)[:, None], context_lens, fetch, chunk)[:, 0]
+def decode_attention(q: Array, context_lens: Array, fetch: Callable, chunk: int, dtype=jnp.float32) -> Array:
+    """One query per row, at position context_len - 1: q [S, H, D] -> [S, H, D] (dtype: the products' inputs)."""
+    return _online_attention(q[:, None], (context_lens - 1)[:, None], context_lens, fetch, chunk, dtype)[:, 0]
 
 
 def prefill_attention(q: Array, seq_ids: Array, positions: Array, query_start: Array, context_lens: Array,
-                      make_fetch: Callable, chunk: int, tile: int) -> Array:
+                      make_fetch: Callable, chunk: int, tile: int, dtype=jnp.float32) -> Array:
     """Ragged queries (as paged_attention.paged_prefill_attention) over run-time contexts: q [T, H, D] -> [T, H, D].
 
-    make_fetch(tile_seq [N]) -> fetch(j) for the N tiles' sequences.
+    make_fetch(tile_seq [N]) -> fetch(j) for the N tiles' sequences. dtype: the products' inputs.
     """
     T, H, D = q.shape
     S = query_start.shape[0] - 1
     num_tiles = S + -(-T // tile)
     tile_seq, tile_tokens, valid, tile_begin = pa.query_tiles(query_start, num_tiles, tile)
     q_pos = jnp.where(valid, positions[tile_tokens], -1)  # [N, tile]
-    o = _online_attention(q[tile_tokens], q_pos, context_lens[tile_seq], make_fetch(tile_seq), chunk)
+    o = _online_attention(q[tile_tokens], q_pos, context_lens[tile_seq], make_fetch(tile_seq), chunk, dtype)
     row = tile_begin[seq_ids] * tile + (jnp.arange(T) - query_start[seq_ids])  # [T]
     row = jnp.clip(row, 0, num_tiles * tile - 1)
     return o.reshape(num_tiles * tile, H, D)[row]

@@ -39,7 +39,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, access: kvc.Access,
-          decode_rows: int, contexts: tuple[int, int], tile: int, chunk: int = 0) -> tuple:
+          decode_rows: int, contexts: tuple[int, int], tile: int, chunk: int = 0,
+          attention_dtype: str = "float32") -> tuple:
     """The whole step on device. batch holds the padded arrays built by ModelRunner.prepare.
 
     The flat tokens are [decode part: decode_rows rows] + [prefill part]. Every layer runs over all
@@ -47,10 +48,12 @@ def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, 
     part takes the decode path, the prefill part the ragged path. Either part may be absent (then
     its key is missing from batch). contexts: each part's padded context (tokens). chunk > 0: the
     context is walked at run time in chunks of that many tokens (reference.dynamic_attention), so
-    the compiled step does not depend on how long the sequences are.
+    the compiled step does not depend on how long the sequences are; attention_dtype is then the
+    dtype of its two products' inputs (float32 accumulation).
     """
     dec, pre = batch.get("decode"), batch.get("prefill")
     Sd = decode_rows
+    products = DTYPES[attention_dtype]
     ctx = batch["context_lens"]  # [Sd + Sp]: decode sequences, then prefill sequences
 
     def fetcher(kc, vc, part):  # dynamic context: how rows of a part (or a subset, by index) find their K/V
@@ -63,13 +66,13 @@ def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, 
         out = []
         if dec is not None:
             if chunk:
-                out.append(dyn.decode_attention(q[:Sd], ctx[:Sd], fetcher(kc, vc, dec)(), chunk))
+                out.append(dyn.decode_attention(q[:Sd], ctx[:Sd], fetcher(kc, vc, dec)(), chunk, products))
             else:
                 out.append(access.decode(q[:Sd], kc, vc, dec, ctx[:Sd], contexts[0]))  # [Sd, H, D]
         if pre is not None:
             if chunk:
                 out.append(dyn.prefill_attention(q[Sd:], pre["seq_ids"], batch["positions"][Sd:], pre["query_start"],
-                                                 ctx[Sd:], fetcher(kc, vc, pre), chunk, tile))
+                                                 ctx[Sd:], fetcher(kc, vc, pre), chunk, tile, products))
             else:
                 out.append(access.prefill(q[Sd:], kc, vc, pre, batch["positions"][Sd:], ctx[Sd:], contexts[1],
                                           tile))
@@ -87,7 +90,8 @@ def _step(params: Params, cache: kvc.KVCache, batch: dict, *, cfg: ModelConfig, 
     return tokens, logits, cache
 
 
-_jitted_step = jax.jit(_step, static_argnames=("cfg", "access", "decode_rows", "contexts", "tile", "chunk"),
+_jitted_step = jax.jit(_step, static_argnames=("cfg", "access", "decode_rows", "contexts", "tile", "chunk",
+                                               "attention_dtype"),
                        donate_argnums=1)
 
 # Compiled steps, shared by every runner in the process, as jax.jit's own cache would be; keyed by
@@ -132,7 +136,8 @@ class ModelRunner:
     (model.with_matmul_dtype), laid out for XLA's CPU dots: steps of fewer than batched_from (padded)
     tokens on [out, in] matrices (fast matrix-vector products), the others on [in, out] ones with an
     untied [E, V] LM head (fast batches; bfloat16 [out, in] is fast for one row only, hence the default
-    batched_from=2); activations, norms and the KV cache keep `dtype`. The
+    batched_from=2); with dynamic_context, attention's two products (q.k, p.v) take their inputs in
+    matmul_dtype too (float32 accumulation); activations, norms, the softmax and the KV cache keep `dtype`. The
     float32 weights stay as `params` (the reference). bfloat16 changes results within its rounding
     (tests/test_runner_speed.py bounds it); off by default.
     """
@@ -159,11 +164,15 @@ class ModelRunner:
             raise ConfigError("matmul_dtype", f"unsupported dtype {matmul_dtype!r}", ", ".join(DTYPES) + " or None")
         if batched_from < 1:
             raise ConfigError("batched_from", f"got {batched_from}", "at least 1 token")
+        self.matmul_dtype = matmul_dtype
         self.few_rows_params = self.batched_params = None
         if matmul_dtype is not None:
             self.few_rows_params = with_matmul_dtype(self.params, DTYPES[matmul_dtype], out_in=True)
             self.batched_params = with_matmul_dtype(self.params, DTYPES[matmul_dtype], out_in=False)
         self.batched_from = batched_from
+        # The run-time-context attention's two products follow the matmuls (dynamic_context only): a
+        # bfloat16 runner's q.k and p.v in bfloat16 too, float32 accumulation; float32 otherwise.
+        self.attention_dtype = matmul_dtype or "float32"
         self._signatures = {id(p): (jax.tree_util.tree_structure(p),
                                     tuple((x.shape, x.dtype.name) for x in jax.tree_util.tree_leaves(p)))
                             for p in (self.params, self.few_rows_params, self.batched_params) if p is not None}
@@ -185,9 +194,19 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of `params`, the reference weights. With matmul_dtype a step reads one of its copies instead
-        (half these bytes in bfloat16), and the two copies are memory on top of this figure."""
-        return param_bytes(self.params)
+        """Bytes of weights the runner holds: `params` (the reference weights) plus, with matmul_dtype, its two
+        copies (matmul_copy_bytes). An array two of them share is counted once."""
+        return _distinct_bytes(self.params, self.few_rows_params, self.batched_params)
+
+    @property
+    def matmul_copy_bytes(self) -> int:
+        """Bytes the matmul_dtype copies add to `params` (0 without them); a step reads one copy, not params.
+
+        small-100m (params 400 MB float32): bfloat16 adds 400 MB (the [out, in] copy with its bfloat16
+        embedding, 200 MB; the [in, out] copy's matrices and untied [E, V] head, 200 MB; it shares the
+        float32 embedding and norms with params); float32 adds 400 MB too (the transposed matrices, and
+        the untied head, while the [in, out] matrices are params' own arrays)."""
+        return self.weight_bytes - param_bytes(self.params)
 
     @property
     def kv_bytes(self) -> int:
@@ -278,7 +297,7 @@ class ModelRunner:
 
     def _static(self, step: PreparedStep) -> dict:
         return dict(cfg=self.cfg, access=self.access, decode_rows=step.padded.decode_rows, contexts=step.contexts,
-                    tile=self.query_tile, chunk=self.chunk)
+                    tile=self.query_tile, chunk=self.chunk, attention_dtype=self.attention_dtype)
 
     def shapes(self) -> list[PaddedStep]:
         """Every step shape this runner can meet (needs max_seqs and max_tokens; see Padding.shapes)."""
@@ -332,7 +351,8 @@ class ModelRunner:
         return self.batched_params if step.padded.tokens >= self.batched_from else self.few_rows_params
 
     def _compile_key(self, step: PreparedStep) -> tuple:
-        return (self.cfg, self._signatures[id(self._params_for(step))], jnp.dtype(self.dtype).name, self.access, self.query_tile, self.chunk, step.key)
+        return (self.cfg, self._signatures[id(self._params_for(step))], jnp.dtype(self.dtype).name, self.access,
+                self.query_tile, self.chunk, self.attention_dtype, step.key)
 
     def run(self, step: PreparedStep) -> list[int]:
         """Device side of a step: block copies, then the compiled forward + sampling; token ids to host."""
@@ -386,6 +406,12 @@ class ModelRunner:
             if c.end > self.layout.max_len:
                 raise ConfigError("max_len", f"request {rid} needs {c.end} tokens, a slot holds "
                                   f"{self.layout.max_len}", f"at most {self.layout.max_len} tokens per request")
+
+
+def _distinct_bytes(*trees) -> int:
+    """Bytes of the arrays in the given pytrees (None skipped), each array counted once however often it appears."""
+    arrays = {id(x): x for t in trees if t is not None for x in jax.tree_util.tree_leaves(t)}
+    return sum(int(x.nbytes) for x in arrays.values())
 
 
 class _FlatArrays:

@@ -45,12 +45,20 @@ def test_every_step_shape_updates_the_kv_cache_in_place(layout, dynamic):
     assert copies and not any(copies.values()), copies
 
 
-def test_bfloat16_matrices_stay_close_to_float32():
+SERVER_LIKE = dict(min_seqs=1, min_tokens=16, max_seqs=4, max_tokens=64, growth=4, dynamic_context=True,
+                   max_context=64, coarse_mixed=True)  # the server's runner options, small
+
+
+@pytest.mark.parametrize("options", [{}, SERVER_LIKE], ids=["bucketed context", "dynamic context"])
+def test_bfloat16_matrices_stay_close_to_float32(options):
     """matmul_dtype is an explicit option with its own tolerance against the float32 runner: the
     logits of every step (prefills on the [in, out] copy, decodes on the [out, in] one) stay within
-    bfloat16 rounding of float32's."""
+    bfloat16 rounding of float32's. With a run-time context (the server's runner) attention's two
+    products are in bfloat16 too."""
     ps = prompts([13, 30, 5, 40], seed=2)
-    exact, low = paged(), paged(matmul_dtype="bfloat16", batched_from=5)  # prefills [in, out], 4-row decodes [out, in]
+    # prefills [in, out], 4-row decodes [out, in]
+    exact, low = paged(**options), paged(matmul_dtype="bfloat16", batched_from=5, **options)
+    assert low.attention_dtype == "bfloat16" and exact.attention_dtype == "float32"
     reqs = [Request(f"r{i}", p, GREEDY) for i, p in enumerate(ps)]
     sched = MiniScheduler(exact)  # block tables for both runners (same layout)
     steps = 0

@@ -16,6 +16,7 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "servesim", "jax
 # XNNPACK's matmuls: a one-client decode step (matrix x vector) 3x faster than XLA's default Eigen path on
 # this CPU, no slower at 16 sequences (experiments/benchmarks/engine_speed.py).
 DEFAULT_XLA_FLAGS = "--xla_cpu_use_xnnpack=true"
+MATMUL_DTYPES = ("float32", "bfloat16")  # ModelRunner matmul_dtype (reference.runner)
 
 
 @click.command("serve")
@@ -45,13 +46,21 @@ DEFAULT_XLA_FLAGS = "--xla_cpu_use_xnnpack=true"
               help="Directory of JAX's persistent compilation cache ('' to disable): restarts skip compiling.")
 @click.option("--xla-flags", default=DEFAULT_XLA_FLAGS, show_default=True,
               help="Added to XLA_FLAGS before JAX starts ('' for XLA's defaults).")
+@click.option("--matmul-dtype", type=click.Choice(MATMUL_DTYPES), default=None,
+              help="Run the steps on copies of the weight matrices in this dtype, laid out for XLA's CPU dots "
+                   "(ModelRunner matmul_dtype; the weights held double; attention's products in it too). "
+                   "bfloat16: ~1.4x faster decode at 1 and 16 clients on an avx512_bf16 CPU "
+                   "(experiments/results/server16/engine_speed16.md), tokens within bfloat16 rounding of the "
+                   "reference. Default: off, the float32 reference weights (tokens identical to `servesim "
+                   "bench` and the reference engine).")
 @click.option("--no-warmup", is_flag=True, help="Do not compile the step shapes before serving (they compile on "
                                                 "first use, while a request waits; counted in /metrics).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
 def command(config: Path, engine_name: str | None, host: str, port: int, names: tuple[str, ...],
             api_key: str | None, max_body_bytes: int, max_queue: int, max_stop: int, max_stop_chars: int,
-            drain_s: float, stream_interval: int, compilation_cache: str, xla_flags: str, no_warmup: bool,
+            drain_s: float, stream_interval: int, compilation_cache: str, xla_flags: str, matmul_dtype: str | None,
+            no_warmup: bool,
             log_level: str) -> None:
     """Serve CONFIG's model with one of its engines.
 
@@ -70,11 +79,21 @@ def command(config: Path, engine_name: str | None, host: str, port: int, names: 
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
     app = create_app(exp, engine_name, warmup=not no_warmup, model_names=list(names) or None, limits=limits,
-                     compilation_cache=compilation_cache or None, stream_interval=stream_interval)
+                     compilation_cache=compilation_cache or None, stream_interval=stream_interval,
+                     runner_options={"matmul_dtype": matmul_dtype} if matmul_dtype else None)
     state = app.state.servesim
+    runner = state.loop.engine.runner
     click.echo(f"servesim: model {state.model_names!r}, engine {state.engine_cfg.name!r} "
                f"({state.engine_cfg.scheduler}), context {state.context_len} tokens, "
-               f"{len(state.loop.engine.runner.shapes()) if not no_warmup else 'no'} step shapes to compile, "
+               f"{len(runner.shapes()) if not no_warmup else 'no'} step shapes to compile, weights "
+               f"{runner.weight_bytes / 1e6:.0f} MB ({_matmul_copies(runner)}), "
                f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, on http://{host}:{port} (/v1 OpenAI, /api Ollama)")
     server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level), state)
     server.run()
+
+
+def _matmul_copies(runner) -> str:
+    """What the weights held are, for the start-up line: the reference weights, or those and the matmul copies."""
+    if not runner.matmul_dtype:
+        return "no matmul copies"
+    return f"of which {runner.matmul_copy_bytes / 1e6:.0f} MB {runner.matmul_dtype} matmul copies"
