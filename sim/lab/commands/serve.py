@@ -60,8 +60,7 @@ MATMUL_DTYPES = ("float32", "bfloat16")  # ModelRunner matmul_dtype (reference.r
 def command(config: Path, engine_name: str | None, host: str, port: int, names: tuple[str, ...],
             api_key: str | None, max_body_bytes: int, max_queue: int, max_stop: int, max_stop_chars: int,
             drain_s: float, stream_interval: int, compilation_cache: str, xla_flags: str, matmul_dtype: str | None,
-            no_warmup: bool,
-            log_level: str) -> None:
+            no_warmup: bool, log_level: str) -> None:
     """Serve CONFIG's model with one of its engines.
 
     OpenAI: /v1/completions, /v1/chat/completions, /v1/models (OpenAI(base_url="http://HOST:PORT/v1")).
