@@ -9,7 +9,8 @@ import numpy as np
 from hypothesis import given
 
 from reference import dynamic_attention as dyn
-from tests.test_paged_attention import ATOL, EXAMPLES, batches, expected_flat, make_case, paged_setup, write_kv
+from tests.test_paged_attention import (ATOL, EXAMPLES, batches, decode_case, expected_flat, make_case, paged_setup,
+                                        write_kv)
 
 BF16_ATOL = 0.05  # q, k, v are standard normal: outputs of order 1; bfloat16 keeps 8 bits of mantissa
 
@@ -38,13 +39,8 @@ def check(out, expected, dtype):
 @EXAMPLES
 @given(batches(decode_only=True))
 def test_dynamic_decode_equals_dense_in_float32_and_bfloat16(b):
-    rng, seqs, flat = make_case(b)
-    k_pool, v_pool, tables, slot_mapping = paged_setup(b, rng, seqs, flat)
+    seqs, flat, q, kc, vc, tables = decode_case(b)
     n = len(seqs)
-    kc, vc = write_kv(jnp.asarray(k_pool), jnp.asarray(v_pool), flat["k"][:n], flat["v"][:n], slot_mapping[:n])
-    S = len(flat["context_lens"])  # padded rows: null tables, context 0
-    q = np.zeros((S, b["heads"], b["head_dim"]), np.float32)
-    q[:n] = flat["q"][:n]
     for dtype in ("float32", "bfloat16"):
         out = decode(q, kc, vc, tables, flat["context_lens"], chunk=chunk_of(b, tables), dtype=dtype)
         assert np.isfinite(np.asarray(out)).all()

@@ -136,16 +136,23 @@ def test_paged_prefill_equals_dense(b):
     np.testing.assert_allclose(np.asarray(out)[:n_real], expected_flat(seqs), atol=ATOL, rtol=ATOL)
 
 
-@EXAMPLES
-@given(batches(decode_only=True))
-def test_paged_decode_equals_dense(b):
+def decode_case(b):
+    """A decode batch written into a paged pool: (seqs, flat, q [S, H, D] with padded rows zero, K and V caches,
+    block tables); rows past len(seqs) are padding (null tables, context 0)."""
     rng, seqs, flat = make_case(b)
     k_pool, v_pool, tables, slot_mapping = paged_setup(b, rng, seqs, flat)
     n = len(seqs)
     kc, vc = write_kv(jnp.asarray(k_pool), jnp.asarray(v_pool), flat["k"][:n], flat["v"][:n], slot_mapping[:n])
-    S = len(flat["context_lens"])  # padded sequences: null tables, context 0
-    q = np.zeros((S, b["heads"], b["head_dim"]), np.float32)
+    q = np.zeros((len(flat["context_lens"]), b["heads"], b["head_dim"]), np.float32)
     q[:n] = flat["q"][:n]
+    return seqs, flat, q, kc, vc, tables
+
+
+@EXAMPLES
+@given(batches(decode_only=True))
+def test_paged_decode_equals_dense(b):
+    seqs, flat, q, kc, vc, tables = decode_case(b)
+    n = len(seqs)
     out = paged_decode(q, kc, vc, tables, flat["context_lens"])
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(np.asarray(out)[:n], expected_flat(seqs), atol=ATOL, rtol=ATOL)
