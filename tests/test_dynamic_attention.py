@@ -9,8 +9,7 @@ import numpy as np
 from hypothesis import given
 
 from reference import dynamic_attention as dyn
-from tests.test_paged_attention import (ATOL, EXAMPLES, batches, decode_case, expected_flat, make_case, paged_setup,
-                                        write_kv)
+from tests.test_paged_attention import ATOL, EXAMPLES, batches, decode_case, expected_flat, prefill_case
 
 BF16_ATOL = 0.05  # q, k, v are standard normal: outputs of order 1; bfloat16 keeps 8 bits of mantissa
 
@@ -50,9 +49,7 @@ def test_dynamic_decode_equals_dense_in_float32_and_bfloat16(b):
 @EXAMPLES
 @given(batches())
 def test_dynamic_prefill_equals_dense_in_float32_and_bfloat16(b):
-    rng, seqs, flat = make_case(b)
-    k_pool, v_pool, tables, slot_mapping = paged_setup(b, rng, seqs, flat)
-    kc, vc = write_kv(jnp.asarray(k_pool), jnp.asarray(v_pool), flat["k"], flat["v"], slot_mapping)
+    seqs, flat, _, _, kc, vc, tables = prefill_case(b)
     n_real = sum(b["new"])
     for dtype in ("float32", "bfloat16"):
         out = prefill(flat["q"], kc, vc, tables, flat["seq_ids"], flat["positions"], flat["query_start"],

@@ -119,12 +119,19 @@ def paged_setup(b, rng, seqs, flat):
     return k_pool, v_pool, tables, slot_mapping
 
 
-@EXAMPLES
-@given(batches())
-def test_paged_prefill_equals_dense(b):
+def prefill_case(b):
+    """A mixed batch written into a paged pool: (seqs, flat, the K pool before the write, slot_mapping, K and V
+    caches after it, block tables)."""
     rng, seqs, flat = make_case(b)
     k_pool, v_pool, tables, slot_mapping = paged_setup(b, rng, seqs, flat)
     kc, vc = write_kv(jnp.asarray(k_pool), jnp.asarray(v_pool), flat["k"], flat["v"], slot_mapping)
+    return seqs, flat, k_pool, slot_mapping, kc, vc, tables
+
+
+@EXAMPLES
+@given(batches())
+def test_paged_prefill_equals_dense(b):
+    seqs, flat, k_pool, slot_mapping, kc, vc, tables = prefill_case(b)
     # The write touched only the new tokens' slots and the null block.
     touched = np.zeros(k_pool.shape[:2], bool)
     touched.reshape(-1)[slot_mapping] = True
