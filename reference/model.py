@@ -180,9 +180,14 @@ def linear(x: Array, w: Array) -> Array:
     x is cast to w's dtype first, so a float32 model with bfloat16 matrices (with_matmul_dtype) runs
     bfloat16 dots rather than converting the matrix to float32 on every step. w may be OutIn.
     """
+    return _dot_f32(x, w).astype(x.dtype)
+
+
+def _dot_f32(x: Array, w: Array) -> Array:
+    """x [..., in] @ w ([in, out], or OutIn [out, in]) -> [..., out] float32, x cast to w's dtype."""
     if isinstance(w, OutIn):
-        return jnp.matmul(x.astype(w.t.dtype), w.t.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.matmul(x.astype(w.t.dtype), w.t.T, preferred_element_type=jnp.float32)
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def causal_attention(q: Array, k: Array, v: Array) -> Array:
@@ -252,10 +257,7 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
 
 def lm_head(params: Params, hidden: Array) -> Array:
     """Logits in float32: hidden [..., E] -> [..., V] (tied: hidden @ embed^T)."""
-    w = params.embed.T if params.lm_head is None else params.lm_head  # [E, V]
-    if isinstance(w, OutIn):  # [V, E]
-        return jnp.matmul(hidden.astype(w.t.dtype), w.t.T, preferred_element_type=jnp.float32)
-    return jnp.matmul(hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return _dot_f32(hidden, params.embed.T if params.lm_head is None else params.lm_head)  # head [E, V] or OutIn
 
 
 def forward_dense(params: Params, cfg: ModelConfig, tokens: Array) -> Array:

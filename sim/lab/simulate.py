@@ -51,7 +51,8 @@ from sim.lab.workload import ClosedLoopWorkload, RequestSpec, to_request
 IMPLEMENTATIONS = ("auto", "fast", "teaching")
 GC_YOUNG_THRESHOLD = 100_000  # allocations between young-generation collections while a cell runs (CPython: 700)
 SERIES_DRAIN_EVERY = 4096  # requests ended between moves of the time series out of the replicas (sim.lab.series_csv)
-DIRECT_CLIENTS = True  # closed-loop clients without a SimPy process per request where possible (simulate_cell); tests flip it
+# Clients and open-loop arrivals without a SimPy process or event per request where possible; tests flip it.
+DIRECT_CLIENTS = True
 RANDOM_BITS = 128  # random bits a block's key must chain through to count as private (module docstring)
 
 

@@ -109,8 +109,7 @@ class HybridPool:
                     keys.extend(shared[len(keys):n])
         while len(keys) < n:
             j = len(keys)
-            parent = hash(keys[-1]) if keys else _ROOT_HASH
-            keys.append((parent, _block_tokens(req, j * bs, (j + 1) * bs)))
+            keys.append(_next_key(keys, _block_tokens(req, j * bs, (j + 1) * bs)))
         return keys
 
     def _keys_of_head(self, head) -> list[tuple[int, tuple[int, ...]]]:
@@ -120,7 +119,7 @@ class HybridPool:
             return memo[1]
         bs, keys = self.block_size, []
         for j in range(len(head) // bs):
-            keys.append((hash(keys[-1]) if keys else _ROOT_HASH, tuple(head[j * bs:(j + 1) * bs])))
+            keys.append(_next_key(keys, tuple(head[j * bs:(j + 1) * bs])))
         if len(self._head_keys) >= _HEAD_MEMO_LIMIT:
             self._head_keys.clear()
         self._head_keys[id(head)] = (head, keys)  # holding the head keeps its id from being reused
@@ -299,6 +298,11 @@ class HybridPool:
     def reserved_blocks(self) -> int:
         """Blocks held by some request."""
         return self.num_usable - self.free_total
+
+
+def _next_key(keys: list, tokens: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """The key of the block after those keyed in `keys` whose tokens are `tokens` (BlockManager's chain)."""
+    return (hash(keys[-1]) if keys else _ROOT_HASH, tokens)
 
 
 def _block_tokens(req: Request, start: int, stop: int) -> tuple[int, ...]:

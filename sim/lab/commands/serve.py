@@ -49,8 +49,8 @@ MATMUL_DTYPES = ("float32", "bfloat16")  # ModelRunner matmul_dtype (reference.r
 @click.option("--matmul-dtype", type=click.Choice(MATMUL_DTYPES), default=None,
               help="Run the steps on copies of the weight matrices in this dtype, laid out for XLA's CPU dots "
                    "(ModelRunner matmul_dtype; the weights held double; attention's products in it too). "
-                   "bfloat16: ~1.4x faster decode at 1 and 16 clients on an avx512_bf16 CPU "
-                   "(experiments/results/server16/engine_speed16.md), tokens within bfloat16 rounding of the "
+                   "bfloat16: ~1.5x faster decode at 1 and 16 clients on an avx512_bf16 CPU "
+                   "(experiments/results/server16/engine_speed16.md section 7), tokens within bfloat16 rounding of the "
                    "reference. Default: off, the float32 reference weights (tokens identical to `servesim "
                    "bench` and the reference engine).")
 @click.option("--no-warmup", is_flag=True, help="Do not compile the step shapes before serving (they compile on "
